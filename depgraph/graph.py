@@ -1,0 +1,336 @@
+"""The dependency graph: run the op rules over an exported FX graph, then form typed groups.
+
+:class:`DependencyBuilder` walks the graph node by node (like ``torch.fx``'s ``ShapeProp``
+interpreter, but over shapes only: no tensor is computed, so ``meta``-device models work) and
+asks the rule registry how each op moves channels. :class:`DependencyGraph` holds the result:
+the groups, the networkx graph of channel spaces, and what could not be analysed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import groups as G
+from .errors import UnsupportedModelError
+from .rules import Axis, RuleContext, lookup, module_path, shape_of
+from .rules.context import axis_key
+from .trace import export
+
+log = logging.getLogger("depgraph")
+
+
+def _flat_axes(value) -> list[Axis]:
+    if value is None:
+        return []
+    if value and isinstance(value[0], list):
+        return [a for part in value for a in part]
+    return list(value)
+
+
+class DependencyBuilder:
+    """Apply the op rules to every node of an exported program (one job: fill a RuleContext)."""
+
+    def __init__(self, exported: torch.export.ExportedProgram, canonical: dict[str, str] | None = None):
+        self.exported = exported
+        self.canonical = canonical or {}
+        self.ctx = RuleContext()
+        self.param_nodes: dict[str, tuple[str, list[Axis], bool]] = {}
+        self.node_info: dict[str, tuple[str, str]] = {}
+
+    def run(self) -> RuleContext:
+        sig = self.exported.graph_signature
+        params = dict(sig.inputs_to_parameters)
+        buffers = dict(sig.inputs_to_buffers)
+        ctx = self.ctx
+        for node in self.exported.graph.nodes:
+            ctx.current = node
+            ctx.order += 1
+            if node.op == "placeholder":
+                self._placeholder(node, params, buffers)
+            elif node.op == "call_function":
+                self._call(node)
+            elif node.op == "output":
+                # the model's outputs are its interface: their channels are never cut
+                for out in _flatten(node.args):
+                    for axis in _flat_axes(ctx.axes.get(out.name)):
+                        ctx.freeze(axis, "model output")
+            else:  # get_attr / call_module do not appear in exported programs; be safe anyway
+                self._unknown(node)
+        return ctx
+
+    def _placeholder(self, node: fx.Node, params: dict, buffers: dict) -> None:
+        ctx = self.ctx
+        shape = shape_of(node)
+        if shape is None:
+            ctx.axes[node.name] = None
+            return
+        name = params.get(node.name) or buffers.get(node.name)
+        val = node.meta.get("val")
+        if name is not None and (not node.users or not val.dtype.is_floating_point):
+            # unused (e.g. the second name of a tied weight) or integer index buffers: not channels
+            name = None
+            if not node.users:
+                ctx.axes[node.name] = [ctx.fresh(node, d, s) for d, s in enumerate(shape)]
+                return
+        if name is not None:
+            name = self.canonical.get(name, name)
+            ctx.param_of_node[node.name] = name
+            axes = [Axis(f"param:{name}:{d}", ctx.new_ids(s)) for d, s in enumerate(shape)]
+            self.param_nodes[node.name] = (name, axes, node.name in buffers)
+        else:
+            axes = [ctx.fresh(node, d, s) for d, s in enumerate(shape)]
+            for axis in axes:  # user inputs (token ids, masks) are data, not channels
+                ctx.freeze(axis, "model input")
+        ctx.axes[node.name] = axes
+
+    def _call(self, node: fx.Node) -> None:
+        ctx = self.ctx
+        rule = lookup(node.target)
+        result = NotImplemented
+        if rule is not None:
+            try:
+                result = rule(ctx, node)
+            except (TypeError, IndexError, ValueError, AttributeError, KeyError) as exc:
+                # a rule that cannot read this variant of its op falls back to the safe rule
+                log.debug("rule for %s failed on %s: %s", node.target, node.name, exc)
+                result = NotImplemented
+        if result is NotImplemented:
+            result = self._unknown(node)
+        ctx.axes[node.name] = result
+
+    def _unknown(self, node: fx.Node):
+        """Conservative rule: everything the op touches is frozen, its outputs are new."""
+        ctx = self.ctx
+        touched: list[Axis] = []
+        for arg in _flatten((node.args, node.kwargs)):
+            touched.extend(_flat_axes(ctx.axes.get(arg.name)))
+        val = node.meta.get("val")
+        if isinstance(val, (list, tuple)):
+            out = [[ctx.fresh(node, j, int(s)) for j, s in enumerate(v.shape)] if hasattr(v, "shape") else []
+                   for v in val]
+        elif hasattr(val, "shape"):
+            out = [ctx.fresh(node, j, int(s)) for j, s in enumerate(val.shape)]
+        else:
+            out = None
+        ctx.unknown_op(node, touched + _flat_axes(out))
+        return out
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """Map every alias of a shared tensor (tied embeddings) to its ``named_parameters()`` name."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        out[name] = first.setdefault(id(tensor), name)
+    return out
+
+
+def _flatten(args) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(args, found.append)
+    return found
+
+
+class DependencyGraph:
+    """Channel dependency graph of one model, with its typed groups.
+
+    Build it with :func:`depgraph.trace`. ``groups(kind)`` lists the coupled structures,
+    ``nx`` is the graph of channel spaces (networkx ``DiGraph``), ``warnings`` lists ops
+    that were coupled conservatively, ``frozen`` names parameter dims that are never cut.
+    """
+
+    def __init__(self, model: nn.Module, exported: torch.export.ExportedProgram):
+        self.model = model
+        builder = DependencyBuilder(exported, canonical_names(model))
+        ctx = builder.run()
+        self.n_nodes = len(exported.graph.nodes)
+        self._build_groups(ctx, builder)
+        self._build_nx(ctx, exported)
+        self.ops = Counter(str(n.target) for n in exported.graph.nodes if n.op == "call_function")
+
+    # ---- analysis --------------------------------------------------------------------------
+    def _build_groups(self, ctx: RuleContext, builder: DependencyBuilder) -> None:
+        labels = G.components(ctx.next_id, ctx.edge_a, ctx.edge_b)
+        frozen_comp = G.frozen_components(labels, ctx.frozen)
+        new_a, new_b, freeze = G.resolve_products(ctx.relations, labels, frozen_comp)
+        if new_a:
+            labels = G.components(ctx.next_id, ctx.edge_a + new_a, ctx.edge_b + new_b)
+        frozen = ctx.frozen + freeze
+        frozen_comp = G.frozen_components(labels, frozen)
+        param_axes = []
+        for name, axes, is_buffer in builder.param_nodes.values():
+            for d, axis in enumerate(axes):
+                param_axes.append(G.ParamAxis(name, d, axis.ids, is_buffer))
+        param_ids = {(pa.param, pa.dim): pa.ids for pa in param_axes}
+        groups, comp_group, comp_unit = G.form_groups(param_axes, labels, frozen_comp, ctx.uses)
+        # a group must cut at least one real parameter (a buffer-only "group" is bookkeeping)
+        for gi, g in enumerate(groups):
+            if all(m.is_buffer for m in g.members):
+                comp_group[comp_group == gi] = -2
+        keep = [gi for gi, g in enumerate(groups) if not all(m.is_buffer for m in g.members)]
+        remap = np.full(len(groups) + 2, -1, dtype=np.int64)
+        remap[np.array(keep, dtype=np.int64)] = np.arange(len(keep))
+        comp_group = np.where(comp_group >= 0, remap[np.maximum(comp_group, 0)], -1)
+        groups = [groups[gi] for gi in keep]
+        G.classify(groups, comp_group, labels, ctx.head_ids, ctx.embed_ids, param_ids)
+        for g in groups:
+            g.graph_id = id(self)
+        self._groups = groups
+        self._labels = labels
+        self._comp_group = comp_group
+        self._comp_unit = comp_unit
+        self._param_ids = param_ids
+        self.param_shapes = {name: tuple(a.size for a in axes) for name, axes, _ in builder.param_nodes.values()}
+        self.buffers = {name for name, _, is_buffer in builder.param_nodes.values() if is_buffer}
+        self._set_param_counts()
+        self._report(ctx, labels, frozen, frozen_comp, param_axes)
+
+    def _set_param_counts(self) -> None:
+        for g in self._groups:
+            total = 0
+            for m in g.members:
+                if m.is_buffer:
+                    continue
+                shape = self.param_shapes[m.param]
+                total += m.per_unit * int(np.prod(shape)) // shape[m.dim]
+            g.extra["params_per_unit"] = total
+
+    def _report(self, ctx, labels, frozen, frozen_comp, param_axes) -> None:
+        """Name the unknown ops that froze parameter channels, and why each frozen dim is frozen."""
+        param_comp = np.zeros(frozen_comp.shape[0], dtype=bool)
+        for pa in param_axes:
+            param_comp[labels[pa.ids]] = True
+        self.warnings: list[str] = []
+        self.unknown_ops: list[tuple[str, str]] = []
+        for op, where, ids in ctx.unknown:
+            self.unknown_ops.append((op, where))
+            if ids.size and param_comp[labels[ids]].any():
+                hit = sorted({pa.param for pa in param_axes if np.isin(labels[pa.ids], labels[ids]).any()})
+                msg = (f"op {op} is not covered by a rule: its channels were coupled conservatively "
+                       f"(never cut); affects {len(hit)} parameter(s), e.g. {', '.join(hit[:3])}. "
+                       "Add a rule for it (docs/adding-rules.md) to make them prunable.")
+                msg = f"{where.split(' at ', 1)[-1]}: {msg}" if " at " in where else msg
+                self.warnings.append(msg)
+                log.warning(msg)
+        reason_of = np.full(frozen_comp.shape[0], -1, dtype=np.int64)
+        reasons = []
+        for ids, reason in reversed(frozen):
+            if ids.size:
+                reason_of[labels[ids]] = len(reasons)
+                reasons.append(reason)
+        self.frozen: dict[tuple[str, int], str] = {}
+        for pa in param_axes:
+            comps = labels[pa.ids]
+            if frozen_comp[comps].all():
+                r = reason_of[comps[0]]
+                self.frozen[(pa.param, pa.dim)] = reasons[r] if r >= 0 else "frozen"
+
+    def _build_nx(self, ctx: RuleContext, exported) -> None:
+        graph = nx.DiGraph()
+        kinds = {i: g.kind.value for i, g in enumerate(self._groups)}
+        names = {i: g.name for i, g in enumerate(self._groups)}
+        nodes = {n.name: n for n in exported.graph.nodes}
+        for name, value in ctx.axes.items():
+            node = nodes.get(name)
+            param = ctx.param_of_node.get(name)
+            for part, axes in enumerate(value if value and isinstance(value[0], list) else [value or []]):
+                for d, axis in enumerate(axes):
+                    key = axis.key if param else axis_key(name if part == 0 else f"{name}.{part}", d)
+                    group = self._majority_group(axis.ids)
+                    graph.add_node(
+                        key,
+                        kind=("buffer" if param in self.buffers else "param") if param else
+                        ("input" if node is not None and node.op == "placeholder" else "activation"),
+                        tensor=param or name, dim=d, size=axis.size,
+                        module=(param.rsplit(".", 1)[0] if param and "." in param else "")
+                        if param else (module_path(node) if node is not None else ""),
+                        op=str(node.target) if node is not None and node.op == "call_function" else "",
+                        group=names.get(group, ""), group_kind=kinds.get(group, ""),
+                    )
+        for src, dst, why in ctx.axis_edges:
+            for key in (src, dst):
+                if key not in graph:
+                    graph.add_node(key, kind="activation", tensor=key.rsplit(":", 1)[0], dim=-1, size=0,
+                                   module="", op="", group="", group_kind="")
+            graph.add_edge(src, dst, op=why, group_kind=graph.nodes[dst]["group_kind"] or
+                           graph.nodes[src]["group_kind"])
+        self.nx = graph
+
+    def _majority_group(self, ids: np.ndarray) -> int:
+        if ids.size == 0:
+            return -1
+        g = self._comp_group[self._labels[ids]]
+        g = g[g >= 0]
+        return int(np.bincount(g).argmax()) if g.size else -1
+
+    # ---- public API ------------------------------------------------------------------------------
+    def groups(self, kind: str | G.GroupKind | None = None) -> list[G.Group]:
+        """The coupled structures, in execution order; ``kind`` filters by "A", "B" or "C"."""
+        if kind is None:
+            return list(self._groups)
+        kind = G.GroupKind(str(kind).upper())
+        return [g for g in self._groups if g.kind is kind]
+
+    def group(self, name: str) -> G.Group:
+        """The group called ``name``."""
+        for g in self._groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group named {name!r}; names: {', '.join(g.name for g in self._groups[:8])}...")
+
+    def coupled(self, param: str, index: int, dim: int = 0) -> dict[tuple[str, int], list[int]]:
+        """Every parameter slice coupled with index ``index`` of dimension ``dim`` of ``param``.
+
+        This is trigger propagation made explicit: the closure of the dependency rules
+        started at that one neuron, as {(param, dim): [indices]}.
+        """
+        if (param, dim) not in self._param_ids:
+            raise KeyError(f"{param} dim {dim} is not a parameter dimension of this graph")
+        comp = self._labels[self._param_ids[(param, dim)][index]]
+        out = {}
+        for key, ids in self._param_ids.items():
+            hit = np.flatnonzero(self._labels[ids] == comp)
+            if hit.size:
+                out[key] = hit.tolist()
+        return out
+
+    def summary(self) -> str:
+        """A markdown table of the groups."""
+        rows = ["| kind | group | units | members | params/unit | exact |", "|---|---|---|---|---|---|"]
+        for g in self._groups:
+            rows.append(f"| {g.kind.value} | {g.name} | {g.size} | {len(g.members)} | "
+                        f"{g.extra.get('params_per_unit', 0)} | {'yes' if g.exact else 'no'} |")
+        return "\n".join(rows)
+
+    def prune(self, plan, **options):
+        """Cut the units in ``plan`` ({group: unit ids}); see :func:`depgraph.cut.prune`."""
+        from .cut import prune
+
+        return prune(self, plan, **options)
+
+    def __repr__(self) -> str:
+        counts = Counter(g.kind.value for g in self._groups)
+        return (f"DependencyGraph({type(self.model).__name__}: {len(self._groups)} groups "
+                f"(A={counts['A']}, B={counts['B']}, C={counts['C']}), {len(self.warnings)} warnings)")
+
+
+def trace(model: nn.Module, example_inputs=None, **options) -> DependencyGraph:
+    """Trace ``model`` and build its channel dependency graph with typed A/B/C groups.
+
+    ``example_inputs``: a tensor, a tuple of positional inputs, a dict of keyword inputs or
+    ``(args, kwargs)``; built from ``model.config`` (token ids) when omitted. Works on CPU
+    weights and on models built on the ``meta`` device.
+    """
+    exported = export(model, example_inputs)
+    graph = DependencyGraph(model, exported)
+    if not graph.groups() and options.get("require_groups", False):
+        raise UnsupportedModelError(f"no prunable structure found in {type(model).__name__}")
+    return graph

@@ -1,0 +1,309 @@
+"""From coupled neuron ids to typed groups (plain functions over arrays, like networkx algorithms).
+
+1. :func:`components` - connected components of the coupling edges. This is LLM-Pruner's
+   trigger propagation (follow the in/out-degree dependencies from a trigger neuron until
+   closure) computed for every trigger at once; each component is one *unit* that must be
+   cut as a whole. It terminates because it is a single linear-time pass over a finite
+   edge list (scipy's union of components), not an open-ended search.
+2. :func:`resolve_products` - for every reshape that split or merged channels, decide which
+   factor is the unit (the outermost factor that is not frozen: heads, not head dims) and
+   keep the other factors whole. One pass over a finite list of reshapes.
+3. :func:`form_groups` - units that touch the same parameter slices in the same way form a
+   group (all neurons of one MLP, all heads of one attention layer, all hidden channels).
+4. :func:`classify` - Type B if the units index attention heads, Type C if they are hidden
+   channels (written by an embedding or by several layers that read different groups, i.e.
+   the residual stream), otherwise Type A (neurons produced and consumed inside one block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .rules.context import ParamUse, Relation
+
+
+class GroupKind(str, Enum):
+    """Type of a coupled structure (LLM-Pruner's taxonomy)."""
+
+    A = "A"  # MLP intermediate neurons
+    B = "B"  # attention heads (a KV head with the query heads that share it)
+    C = "C"  # hidden / residual channels
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(eq=False)
+class Member:
+    """One parameter slice a group couples: dimension ``dim`` of parameter ``param``.
+
+    ``unit_of_index[i]`` is the unit id that owns index ``i`` along ``dim`` (``-1`` where the
+    index belongs to another group or is frozen).
+    """
+
+    param: str
+    dim: int
+    unit_of_index: np.ndarray
+    role: str = "other"
+    order: int = 0
+    is_buffer: bool = False
+
+    def indices(self, units=None) -> np.ndarray:
+        """Indices along ``dim`` owned by ``units`` (all units when None), ascending."""
+        if units is None:
+            return np.flatnonzero(self.unit_of_index >= 0)
+        units = np.asarray(list(units), dtype=np.int64)
+        return np.flatnonzero(np.isin(self.unit_of_index, units))
+
+    @property
+    def per_unit(self) -> int:
+        """How many indices along ``dim`` each unit owns."""
+        owned = int((self.unit_of_index >= 0).sum())
+        n_units = int(self.unit_of_index.max()) + 1 if owned else 1
+        return owned // max(n_units, 1)
+
+    def __repr__(self) -> str:
+        return f"Member({self.param!r}, dim={self.dim}, role={self.role!r}, per_unit={self.per_unit})"
+
+
+@dataclass(eq=False)
+class Group:
+    """A set of units that must be cut together slice by slice.
+
+    Groups hash by identity, so they can key a pruning plan ``{group: [unit ids]}``.
+    """
+
+    kind: GroupKind
+    name: str
+    size: int
+    members: list[Member]
+    exact: bool = True
+    graph_id: int = 0
+    frozen_units: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def member(self, param: str, dim: int | None = None) -> Member:
+        """The member slice of parameter ``param`` (and ``dim`` when given)."""
+        for m in self.members:
+            if m.param == param and (dim is None or m.dim == dim):
+                return m
+        raise KeyError(f"group {self.name} has no member {param}" + (f" dim {dim}" if dim is not None else ""))
+
+    @property
+    def params(self) -> list[str]:
+        return sorted({m.param for m in self.members})
+
+    def parameter_count(self, units=None) -> int:
+        """Number of parameter elements that cutting ``units`` (default: one unit) removes,
+        counting each element once even when it sits in two member dims."""
+        n_units = 1 if units is None else len(list(units))
+        return int(self.extra.get("params_per_unit", 0)) * n_units
+
+    def __repr__(self) -> str:
+        return f"Group(kind={self.kind.value}, name={self.name!r}, size={self.size}, members={len(self.members)})"
+
+
+def components(n: int, edge_a: list[np.ndarray], edge_b: list[np.ndarray]) -> np.ndarray:
+    """Component label of every neuron id in ``range(n)``."""
+    if edge_a:
+        a = np.concatenate(edge_a)
+        b = np.concatenate(edge_b)
+    else:
+        a = b = np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(a.shape[0], dtype=np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
+def frozen_components(labels: np.ndarray, frozen: list[tuple[np.ndarray, str]]) -> np.ndarray:
+    mask = np.zeros(int(labels.max()) + 1 if labels.size else 0, dtype=bool)
+    for ids, _ in frozen:
+        if ids.size:
+            mask[labels[ids]] = True
+    return mask
+
+
+def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp: np.ndarray):
+    """Edges and freezes that make each reshape's unit factor the outermost unfrozen one.
+
+    Row-major index ``i`` of the whole axis sits in block ``i // inner`` of the chosen factor,
+    where ``inner`` is the product of the factor sizes after it. Cutting one unit of the chosen
+    factor removes one contiguous block of the whole axis, which keeps every other factor
+    intact, so the reshape stays valid after the cut.
+    """
+    new_a, new_b, freeze = [], [], []
+    for rel in relations:
+        factors = [f for f in rel.factors if f.size > 1]
+        if len(factors) == 1:
+            new_a.append(rel.whole)
+            new_b.append(factors[0])
+            continue
+        chosen = None
+        for k, f in enumerate(factors):
+            if not frozen_comp[labels[f]].any():
+                chosen = k
+                break
+        if chosen is None:
+            freeze.append((rel.whole, f"reshape at {rel.where}"))
+            continue
+        inner = int(np.prod([f.size for f in factors[chosen + 1:]], dtype=np.int64))
+        unit = factors[chosen]
+        block = (np.arange(rel.whole.size) // inner) % unit.size
+        new_a.append(rel.whole)
+        new_b.append(unit[block])
+        for k, f in enumerate(factors):
+            if k != chosen:
+                freeze.append((f, f"kept whole by reshape at {rel.where}"))
+    return new_a, new_b, freeze
+
+
+@dataclass
+class ParamAxis:
+    param: str
+    dim: int
+    ids: np.ndarray
+    is_buffer: bool
+
+
+def form_groups(param_axes: list[ParamAxis], labels: np.ndarray, frozen_comp: np.ndarray,
+                uses: list[ParamUse], seed: int = 0):
+    """Group the unfrozen components by the parameter slices they touch.
+
+    Returns ``(groups, comp_group, comp_unit)``: the groups (kind not yet set) and, for every
+    component, its group index and unit id (``-1`` for frozen / parameter-free components).
+    """
+    n_comp = frozen_comp.shape[0]
+    comps, axes, positions = [], [], []
+    for k, pa in enumerate(param_axes):
+        c = labels[pa.ids]
+        keep = ~frozen_comp[c]
+        comps.append(c[keep])
+        axes.append(np.full(int(keep.sum()), k, dtype=np.int64))
+        positions.append(np.flatnonzero(keep) + k * (1 << 32))
+    comp_all = np.concatenate(comps) if comps else np.zeros(0, dtype=np.int64)
+    axis_all = np.concatenate(axes) if axes else np.zeros(0, dtype=np.int64)
+    pos_all = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
+    n_axes = max(len(param_axes), 1)
+    key, counts = np.unique(comp_all * n_axes + axis_all, return_counts=True)
+    comp_u, axis_u = key // n_axes, key % n_axes
+
+    # a component's signature: which parameter dims it touches and how many indices in each
+    rng = np.random.default_rng(seed)
+    r1 = rng.integers(1, 2**62, size=n_axes, dtype=np.uint64)
+    r2 = rng.integers(1, 2**62, size=n_axes, dtype=np.uint64)
+    c64 = counts.astype(np.uint64)
+    h1 = np.zeros(n_comp, dtype=np.uint64)
+    h2 = np.zeros(n_comp, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        np.add.at(h1, comp_u, r1[axis_u] * (c64 * np.uint64(2) + np.uint64(1)))
+        np.add.at(h2, comp_u, r2[axis_u] ^ (c64 * np.uint64(0x9E3779B97F4A7C15)))
+    param_comps = np.unique(comp_u)
+    sig = np.stack([h1[param_comps], h2[param_comps]], axis=1)
+    _, group_of = np.unique(sig, axis=0, return_inverse=True)
+    group_of = group_of.reshape(-1)
+
+    # order units by where they first appear (parameter order, then index)
+    first = np.full(n_comp, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, comp_all, pos_all)
+    comp_group = np.full(n_comp, -1, dtype=np.int64)
+    comp_unit = np.full(n_comp, -1, dtype=np.int64)
+    comp_group[param_comps] = group_of
+    n_groups = int(group_of.max()) + 1 if group_of.size else 0
+    order = np.lexsort((first[param_comps], group_of))
+    sorted_comps = param_comps[order]
+    sorted_groups = group_of[order]
+    starts = np.searchsorted(sorted_groups, np.arange(n_groups))
+    comp_unit[sorted_comps] = np.arange(sorted_comps.size) - starts[sorted_groups]
+    sizes = np.bincount(group_of, minlength=n_groups)
+    # groups in order of first appearance of their first unit
+    group_first = np.full(n_groups, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(group_first, group_of, first[param_comps])
+    group_order = np.argsort(group_first, kind="stable")
+    remap = np.empty(n_groups, dtype=np.int64)
+    remap[group_order] = np.arange(n_groups)
+    comp_group[param_comps] = remap[group_of]
+
+    first_use: dict[tuple[str, int], ParamUse] = {}
+    for use in uses:
+        first_use.setdefault((use.param, use.dim), use)
+    axes_of_group: list[list[int]] = [[] for _ in range(n_groups)]
+    pairs = np.unique(comp_group[comp_u] * n_axes + axis_u)
+    for g, k in zip((pairs // n_axes).tolist(), (pairs % n_axes).tolist()):
+        axes_of_group[g].append(k)
+    groups = []
+    for g in range(n_groups):
+        members = []
+        for k in axes_of_group[g]:
+            pa = param_axes[k]
+            c = labels[pa.ids]
+            unit = np.where(comp_group[c] == g, comp_unit[c], -1)
+            use = first_use.get((pa.param, pa.dim))
+            members.append(Member(pa.param, pa.dim, unit, use.role if use else "other",
+                                  use.order if use else 1 << 30, pa.is_buffer))
+        members.sort(key=lambda m: (m.order, m.param, m.dim))
+        groups.append(Group(GroupKind.A, "", int(sizes[group_order[g]]), members))
+    return groups, comp_group, comp_unit
+
+
+def classify(groups: list[Group], comp_group: np.ndarray, labels: np.ndarray, head_ids, embed_ids,
+             param_ids: dict[tuple[str, int], np.ndarray]) -> None:
+    """Set ``kind``, ``exact`` and ``name`` of every group from where it sits in the graph."""
+    def groups_touching(id_lists) -> set[int]:
+        if not id_lists:
+            return set()
+        g = comp_group[labels[np.concatenate(id_lists)]]
+        return set(np.unique(g[g >= 0]).tolist())
+
+    head_groups = groups_touching(head_ids)
+    embed_groups = groups_touching(embed_ids)
+    for gi, group in enumerate(groups):
+        if gi in head_groups:
+            group.kind = GroupKind.B
+        elif gi in embed_groups:
+            group.kind = GroupKind.C
+        else:
+            # the residual stream is written by several layers that read different things
+            sources = set()
+            for m in group.members:
+                if m.role != "out":
+                    continue
+                other = [d for (p, d) in param_ids if p == m.param and d != m.dim]
+                src = -1
+                for d in other:
+                    g = comp_group[labels[param_ids[(m.param, d)]]]
+                    g = g[g >= 0]
+                    if g.size:
+                        src = int(np.bincount(g).argmax())
+                sources.add(src)
+            group.kind = GroupKind.C if len(sources) >= 2 else GroupKind.A
+        group.exact = group.kind is not GroupKind.C
+    name_groups(groups)
+
+
+def _module_of(param: str) -> list[str]:
+    return param.split(".")[:-1]
+
+
+def name_groups(groups: list[Group]) -> None:
+    """Readable names: the common module prefix of the members (``model.layers.0.mlp``)."""
+    seen: dict[str, int] = {}
+    for group in groups:
+        paths = [_module_of(m.param) for m in group.members]
+        prefix = paths[0] if paths else []
+        for p in paths[1:]:
+            n = 0
+            while n < min(len(prefix), len(p)) and prefix[n] == p[n]:
+                n += 1
+            prefix = prefix[:n]
+        if group.kind is GroupKind.C:
+            base = "hidden" if not prefix else ".".join(prefix) + ".hidden"
+        else:
+            base = ".".join(prefix) or f"group{group.kind.value}"
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        group.name = base if count == 0 else f"{base}#{count}"

@@ -1,0 +1,188 @@
+"""The small API that op rules use to describe how channels flow through one op.
+
+Every dimension of every tensor (and of every parameter) is an :class:`Axis`: an array
+holding one *neuron id* per index along that dimension. Rules say how output axes relate
+to input axes:
+
+* ``same``      the output axis *is* the input axis (ids shared; pointwise ops, views);
+* ``couple``    two axes of equal size are the same neurons index by index (a residual add,
+                a norm weight multiplying the hidden state, the contraction of a matmul);
+* ``product``   an axis is the row-major product of other axes (reshape splits/merges);
+* ``freeze``    these neurons must never be cut (indexed by data, part of the model's
+                interface, or touched by an op the rules do not understand).
+
+Neuron ids are plain integers; coupling records an edge between ids. Groups are the
+connected components of those edges (see :mod:`depgraph.groups`), which is LLM-Pruner's
+trigger propagation run to closure for every trigger at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch.fx as fx
+
+
+@dataclass(eq=False)
+class Axis:
+    """One dimension of one tensor: ``ids[i]`` is the neuron id of index ``i``."""
+
+    key: str
+    ids: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass
+class Relation:
+    """``whole`` is the row-major product of ``factors`` (a reshape split or merge)."""
+
+    whole: np.ndarray
+    factors: list[np.ndarray]
+    where: str
+
+
+@dataclass
+class ParamUse:
+    """How an op uses one dimension of a parameter (for classification and scoring)."""
+
+    param: str
+    dim: int
+    role: str  # "out" (produces channels), "in" (contracts channels), "scale", "bias", "embed"
+    node: str
+    order: int
+
+
+@dataclass
+class RuleContext:
+    """State shared by all rules while one graph is analysed."""
+
+    next_id: int = 0
+    axes: dict[str, list[Axis] | list[list[Axis]] | None] = field(default_factory=dict)
+    edge_a: list[np.ndarray] = field(default_factory=list)
+    edge_b: list[np.ndarray] = field(default_factory=list)
+    frozen: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    relations: list[Relation] = field(default_factory=list)
+    head_ids: list[np.ndarray] = field(default_factory=list)
+    embed_ids: list[np.ndarray] = field(default_factory=list)
+    uses: list[ParamUse] = field(default_factory=list)
+    param_of_node: dict[str, str] = field(default_factory=dict)
+    unknown: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
+    axis_edges: list[tuple[str, str, str]] = field(default_factory=list)
+    current: fx.Node | None = None
+    order: int = 0
+
+    # ---- ids -------------------------------------------------------------------------
+    def new_ids(self, n: int) -> np.ndarray:
+        ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        self.next_id += n
+        return ids
+
+    def fresh(self, node: fx.Node, dim: int, size: int) -> Axis:
+        """A brand-new axis (a tensor created from nothing, or a new broadcast dimension)."""
+        return Axis(axis_key(node.name, dim), self.new_ids(size))
+
+    def same(self, src: Axis, node: fx.Node, dim: int, ids: np.ndarray | None = None) -> Axis:
+        """Output axis ``dim`` of ``node`` carries ``src``'s neurons (optionally re-indexed)."""
+        out = Axis(axis_key(node.name, dim), src.ids if ids is None else ids)
+        self.axis_edges.append((src.key, out.key, self.op_name()))
+        return out
+
+    # ---- relations -----------------------------------------------------------------------
+    def couple(self, a: Axis | np.ndarray, b: Axis | np.ndarray, why: str = "") -> None:
+        """Index ``i`` of ``a`` and index ``i`` of ``b`` are the same neuron."""
+        ids_a = a.ids if isinstance(a, Axis) else a
+        ids_b = b.ids if isinstance(b, Axis) else b
+        if ids_a.shape != ids_b.shape:
+            raise ValueError(f"cannot couple axes of sizes {ids_a.shape[0]} and {ids_b.shape[0]} ({why})")
+        if ids_a is not ids_b:
+            self.edge_a.append(ids_a)
+            self.edge_b.append(ids_b)
+        if isinstance(a, Axis) and isinstance(b, Axis):
+            self.axis_edges.append((a.key, b.key, why or self.op_name()))
+
+    def product(self, whole: Axis, factors: list[Axis]) -> None:
+        """``whole`` is the row-major product of ``factors`` (sizes must multiply out)."""
+        size = 1
+        for f in factors:
+            size *= f.size
+            self.axis_edges.append((whole.key, f.key, "reshape"))
+        if size != whole.size:
+            raise ValueError(f"reshape factors {[f.size for f in factors]} do not multiply to {whole.size}")
+        self.relations.append(Relation(whole.ids, [f.ids for f in factors], self.where()))
+
+    def freeze(self, ids: Axis | np.ndarray, reason: str) -> None:
+        """These neurons are never cut (conservative)."""
+        self.frozen.append((ids.ids if isinstance(ids, Axis) else ids, reason))
+
+    def mark_heads(self, axis: Axis) -> None:
+        """``axis`` indexes attention heads (batch dimension of an attention contraction)."""
+        self.head_ids.append(axis.ids)
+
+    def mark_embedding(self, axis: Axis) -> None:
+        """``axis`` is the hidden dimension written by a token/position embedding table."""
+        self.embed_ids.append(axis.ids)
+
+    def use(self, param_node: fx.Node | None, dim: int, role: str) -> None:
+        """Record that the current op uses ``dim`` of a parameter in ``role``."""
+        if param_node is None:
+            return
+        name = self.param_of_node.get(param_node.name)
+        if name is not None:
+            self.uses.append(ParamUse(name, dim, role, self.current.name if self.current else "", self.order))
+
+    def unknown_op(self, node: fx.Node, touched: list[Axis]) -> None:
+        """An op no rule understands: freeze everything it touches and remember it."""
+        ids = np.concatenate([a.ids for a in touched]) if touched else np.zeros(0, dtype=np.int64)
+        self.freeze(ids, f"unknown op {node.target}")
+        self.unknown.append((str(node.target), self.where(), ids))
+
+    # ---- helpers for rules ---------------------------------------------------------------------
+    def tensor_axes(self, arg) -> list[Axis] | None:
+        """Axes of a tensor-valued FX argument, or None for non-tensors."""
+        if isinstance(arg, fx.Node):
+            value = self.axes.get(arg.name)
+            if value is None or (value and isinstance(value[0], list)):
+                return None
+            return value  # type: ignore[return-value]
+        return None
+
+    def is_param(self, arg) -> bool:
+        return isinstance(arg, fx.Node) and arg.name in self.param_of_node
+
+    def op_name(self) -> str:
+        return str(self.current.target) if self.current is not None else ""
+
+    def where(self) -> str:
+        node = self.current
+        if node is None:
+            return ""
+        return f"{node.target} at {module_path(node) or '<top>'}"
+
+
+def axis_key(name: str, dim: int) -> str:
+    return f"{name}:{dim}"
+
+
+def module_path(node: fx.Node) -> str:
+    """Qualified name of the innermost module that ran ``node`` (from export metadata)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # export spells nested names like "L['self'].model.layers[0]" in some versions
+    return str(path).replace("L['self'].", "").replace("[", ".").replace("]", "")
+
+
+def shape_of(node) -> tuple[int, ...] | None:
+    """Static shape of a node's value (FakeTensor metadata)."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        return None
+    return tuple(int(s) for s in shape)

@@ -1,0 +1,145 @@
+"""Ops that contract a dimension: linear layers, matmuls, embeddings and attention.
+
+These are the in/out-degree rules of LLM-Pruner at channel level: the contracted input
+dimension of a weight is the same neuron set as the last dimension of its input (a neuron
+read by the layer), and the output dimension of the weight *is* the new channel axis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .context import Axis, RuleContext, shape_of
+from .pointwise import broadcast
+from .registry import register
+
+aten = torch.ops.aten
+
+
+@register(aten.linear)
+def linear(ctx: RuleContext, node: fx.Node):
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    xa, wa = ctx.tensor_axes(x), ctx.tensor_axes(w)
+    if xa is None or wa is None or len(wa) != 2:
+        return NotImplemented
+    ctx.couple(xa[-1], wa[1], "linear input")
+    ctx.use(w, 1, "in")
+    ctx.use(w, 0, "out")
+    if bias is not None:
+        ba = ctx.tensor_axes(bias)
+        ctx.couple(wa[0], ba[-1], "linear bias")
+        ctx.use(bias, 0, "bias")
+    return [ctx.same(a, node, j) for j, a in enumerate(xa[:-1])] + [ctx.same(wa[0], node, len(xa) - 1)]
+
+
+def _matmul_2d(ctx: RuleContext, node: fx.Node, a_node, b_node) -> list[Axis]:
+    aa, ba = ctx.tensor_axes(a_node), ctx.tensor_axes(b_node)
+    ctx.couple(aa[-1], ba[-2], "matmul contraction")
+    if ctx.is_param(b_node):
+        ctx.use(b_node, len(ba) - 2, "in")
+        ctx.use(b_node, len(ba) - 1, "out")
+    if ctx.is_param(a_node):
+        ctx.use(a_node, len(aa) - 1, "in")
+        ctx.use(a_node, len(aa) - 2, "out")
+    return [ctx.same(aa[-2], node, 0), ctx.same(ba[-1], node, 1)]
+
+
+@register(aten.mm)
+def mm(ctx: RuleContext, node: fx.Node):
+    return _matmul_2d(ctx, node, node.args[0], node.args[1])
+
+
+@register(aten.addmm)
+def addmm(ctx: RuleContext, node: fx.Node):
+    # out = bias + m1 @ m2  (GPT-2's Conv1D: m2 is the [in, out] weight)
+    bias, m1, m2 = node.args[0], node.args[1], node.args[2]
+    out = _matmul_2d(ctx, node, m1, m2)
+    ba = ctx.tensor_axes(bias)
+    if ba is not None:
+        if ba[-1].size == out[1].size:
+            ctx.couple(out[1], ba[-1], "addmm bias")
+            ctx.use(bias, len(ba) - 1, "bias")
+        if len(ba) == 2 and ba[0].size == out[0].size:
+            ctx.couple(out[0], ba[0], "addmm bias")
+    return out
+
+
+@register(aten.matmul, aten.bmm, aten.baddbmm)
+def matmul(ctx: RuleContext, node: fx.Node):
+    args = node.args[1:3] if node.target == aten.baddbmm.default else node.args[:2]
+    a_node, b_node = args
+    aa, ba = ctx.tensor_axes(a_node), ctx.tensor_axes(b_node)
+    shape = shape_of(node)
+    if aa is None or ba is None or shape is None:
+        return NotImplemented
+    if len(aa) == 1 or len(ba) == 1:
+        ctx.couple(aa[-1], ba[-2] if len(ba) > 1 else ba[0], "matmul contraction")
+        if len(aa) == 1 and len(ba) == 1:
+            return []
+        rest = ba[:-2] + [ba[-1]] if len(aa) == 1 else aa[:-1]
+        return [ctx.same(a, node, j) for j, a in enumerate(rest)]
+    ctx.couple(aa[-1], ba[-2], "matmul contraction")
+    batch = broadcast(ctx, node, [aa[:-2], ba[:-2]], shape[:-2])
+    if not ctx.is_param(a_node) and not ctx.is_param(b_node):
+        # activation x activation with batch dims: attention scores / weighted values
+        for axis in batch:
+            if axis.size > 1:
+                ctx.mark_heads(axis)
+    for p_node, p_axes in ((a_node, aa), (b_node, ba)):
+        if ctx.is_param(p_node):
+            last = len(p_axes) - 1
+            ctx.use(p_node, last if p_node is a_node else last - 1, "in")
+            ctx.use(p_node, last - 1 if p_node is a_node else last, "out")
+    nb = len(batch)
+    return batch + [ctx.same(aa[-2], node, nb), ctx.same(ba[-1], node, nb + 1)]
+
+
+@register(aten.embedding)
+def embedding(ctx: RuleContext, node: fx.Node):
+    w, idx = node.args[0], node.args[1]
+    wa, ia = ctx.tensor_axes(w), ctx.tensor_axes(idx)
+    if wa is None or ia is None:
+        return NotImplemented
+    # rows are looked up by data: never cut the vocabulary/position rows
+    ctx.freeze(wa[0], f"embedding rows at {ctx.where()}")
+    ctx.use(w, 1, "embed")
+    out = [ctx.same(a, node, j) for j, a in enumerate(ia)] + [ctx.same(wa[1], node, len(ia))]
+    ctx.mark_embedding(out[-1])
+    return out
+
+
+@register(aten.scaled_dot_product_attention)
+def sdpa(ctx: RuleContext, node: fx.Node):
+    qa, ka, va = (ctx.tensor_axes(a) for a in node.args[:3])
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if qa is None or ka is None or va is None:
+        return NotImplemented
+    out = []
+    nb = len(qa) - 2
+    for j in range(nb):
+        q, k, v = qa[j], ka[j], va[j]
+        for kv in (k, v):
+            if kv.size == q.size:
+                ctx.couple(q, kv, "attention heads")
+            elif kv.size > 1 and q.size % kv.size == 0:
+                # grouped-query attention (enable_gqa): query head i reads kv head i // groups
+                ctx.couple(q.ids, np.repeat(kv.ids, q.size // kv.size), "grouped-query heads")
+        if j == nb - 1 or nb == 1:
+            for axis in (q, k, v):
+                if axis.size > 1:
+                    ctx.mark_heads(axis)
+        out.append(ctx.same(q, node, j))
+    ctx.couple(qa[-1], ka[-1], "attention q.k contraction")
+    ctx.couple(ka[-2], va[-2], "attention key positions")
+    out.append(ctx.same(qa[-2], node, nb))
+    out.append(ctx.same(va[-1], node, nb + 1))
+    ma = ctx.tensor_axes(mask)
+    if ma is not None:
+        scores = out[:nb] + [qa[-2], ka[-2]]
+        for j in range(1, len(ma) + 1):
+            if j <= len(scores) and ma[-j].size == scores[-j].size and ma[-j].size > 1:
+                ctx.couple(ma[-j], scores[-j], "attention mask")
+    return out

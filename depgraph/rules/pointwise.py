@@ -1,0 +1,91 @@
+"""Elementwise ops: aligned dimensions (numpy broadcasting) are the same neurons.
+
+A residual ``add`` couples the hidden channels of its two operands; a norm weight multiplying
+the hidden state couples the weight with those channels; ``silu(gate) * up`` couples the
+gate and up neurons. A dimension of size 1 broadcast against a larger one couples nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .context import Axis, RuleContext, shape_of
+from .registry import register
+
+aten = torch.ops.aten
+
+# Ops torch does not tag "pointwise" but that keep every element in place.
+_PASSTHROUGH = (
+    aten.to, aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.detach, aten.dropout,
+    aten.native_dropout, aten.type_as, aten.lift_fresh_copy, aten.masked_fill, aten.where, aten.clamp,
+    aten.clamp_min, aten.clamp_max, aten.feature_dropout, aten.alpha_dropout, aten.copy,
+    aten.relu, aten.gelu, aten.silu, aten.tanh, aten.sigmoid, aten.softplus, aten.hardtanh,
+    aten.leaky_relu, aten.elu, aten.mish, aten.hardswish, aten.hardsigmoid, aten.celu, aten.selu,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+)
+
+
+def tensor_inputs(ctx: RuleContext, node: fx.Node) -> list[list[Axis]]:
+    """Axes of every tensor argument of ``node`` (positional and keyword, nested lists too)."""
+    found: list[list[Axis]] = []
+
+    def visit(arg) -> None:
+        if isinstance(arg, fx.Node):
+            axes = ctx.tensor_axes(arg)
+            if axes is not None:
+                found.append(axes)
+        elif isinstance(arg, (list, tuple)):
+            for item in arg:
+                visit(item)
+
+    for arg in list(node.args) + list(node.kwargs.values()):
+        visit(arg)
+    return found
+
+
+def broadcast(ctx: RuleContext, node: fx.Node, inputs: list[list[Axis]], out_shape) -> list[Axis]:
+    """Output axes of a broadcasting op; couples every non-broadcast input dimension."""
+    ndim = len(out_shape)
+    out: list[Axis] = []
+    for d, size in enumerate(out_shape):
+        aligned = []
+        for axes in inputs:
+            k = len(axes) - (ndim - d)
+            if k >= 0 and axes[k].size == size:
+                aligned.append(axes[k])
+        if not aligned:
+            out.append(ctx.fresh(node, d, size))
+            continue
+        first = aligned[0]
+        for other in aligned[1:]:
+            ctx.couple(first, other, f"{node.target} (elementwise)")
+        out.append(ctx.same(first, node, d))
+    return out
+
+
+@register("pointwise", *_PASSTHROUGH)
+def pointwise(ctx: RuleContext, node: fx.Node):
+    shape = shape_of(node)
+    if shape is None:
+        return None
+    inputs = tensor_inputs(ctx, node)
+    for axes in inputs:
+        if len(axes) > len(shape):  # not a broadcast: let the conservative rule handle it
+            return NotImplemented
+    out = broadcast(ctx, node, inputs, shape)
+    name = str(getattr(node.target, "__name__", node.target))
+    role = "scale" if ("mul" in name or "div" in name) else "bias" if ("add" in name or "sub" in name) else "other"
+    for arg in node.args:
+        if ctx.is_param(arg):
+            for d in range(len(ctx.tensor_axes(arg))):
+                ctx.use(arg, d, role)
+    return out
+
+
+@register(aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,
+          aten._assert_async)
+def no_output(ctx: RuleContext, node: fx.Node):
+    return None
