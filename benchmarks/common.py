@@ -35,14 +35,30 @@ _CACHE_VERSION = 1  # bump when the training recipe changes in a way the key bel
 # Full: ~3M params, a few minutes on 2 cores. Quick: ~0.4M params, about a minute; both keep GQA
 # (2 query heads per KV head) so the pruning benchmark still sees grouped attention.
 FULL = {
-    "model": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=32),
-    "steps": 400, "batch_size": 32, "lr": 3e-3,
+    "model": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+    ),
+    "steps": 400,
+    "batch_size": 32,
+    "lr": 3e-3,
 }
 QUICK = {
-    "model": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32),
-    "steps": 500, "batch_size": 16, "lr": 4e-3,
+    "model": dict(
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    ),
+    "steps": 700,
+    "batch_size": 16,
+    "lr": 4e-3,
 }
 
 
@@ -93,7 +109,7 @@ def train_tiny_llama(
     """Train (or load from cache) the benchmark's byte-level Llama; returns ``(model, tokenizer, info)``.
 
     Full: hidden 256, MLP 688, 4 layers, 8 heads / 4 KV heads (head_dim 32), 400 AdamW steps of 32x128
-    bytes. Quick: hidden 128, MLP 344, 2 layers, 4 heads / 2 KV heads, 500 steps of 16x128. ``steps``
+    bytes. Quick: hidden 128, MLP 344, 2 layers, 4 heads / 2 KV heads, 700 steps of 16x128. ``steps``
     overrides the step count. The cache entry is keyed by a hash of the config, recipe, seed and the
     training file's size; ``retrain=True`` ignores an existing entry. ``info`` holds the final train
     loss, steps, wall time, test-split perplexity (first 128K bytes of ``test.txt``) and the
@@ -106,8 +122,13 @@ def train_tiny_llama(
     config = tiny_llama_config(quick, tokenizer.vocab_size)
     train_path = default_text_path("valid")
     key_src = {
-        "version": _CACHE_VERSION, "config": config.to_diff_dict(), "steps": steps, "seed": seed,
-        "batch_size": spec["batch_size"], "lr": spec["lr"], "seq_len": SEQ_LEN,
+        "version": _CACHE_VERSION,
+        "config": config.to_diff_dict(),
+        "steps": steps,
+        "seed": seed,
+        "batch_size": spec["batch_size"],
+        "lr": spec["lr"],
+        "seq_len": SEQ_LEN,
         "data_bytes": train_path.stat().st_size,
     }
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -131,7 +152,8 @@ def train_tiny_llama(
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norms: no weight decay
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec["lr"], betas=(0.9, 0.95),
+        lr=spec["lr"],
+        betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(seed)
     offsets = torch.arange(SEQ_LEN + 1)
@@ -150,21 +172,34 @@ def train_tiny_llama(
         opt.step()
         losses.append(loss.item())
         if verbose and (step % 50 == 0 or step == steps - 1):
-            print(f"[tiny-llama] step {step:4d}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f}s)")
+            print(
+                f"[tiny-llama] step {step:4d}/{steps} loss {loss.item():.4f} "
+                f"({time.perf_counter() - t0:.0f}s)"
+            )
     train_time = time.perf_counter() - t0
     model.eval()
 
     eval_tokens = 131072
     test_ids = torch.tensor(tokenizer.encode(read_text(default_text_path("test"))), dtype=torch.long)
     test = perplexity(model, test_ids, context_length=SEQ_LEN, max_tokens=eval_tokens, progress=False)
-    tail = losses[-max(1, steps // 10):]
+    tail = losses[-max(1, steps // 10) :]
     info: dict[str, Any] = {
-        "quick": quick, "steps": steps, "seed": seed, "batch_size": spec["batch_size"], "lr": spec["lr"],
-        "seq_len": SEQ_LEN, "params": param_count(model), "train_time_s": round(train_time, 1),
-        "train_loss": sum(tail) / len(tail), "train_tokens": steps * spec["batch_size"] * SEQ_LEN,
-        "test_ppl": test.ppl, "test_nll": test.nll, "test_ppl_tokens": test.tokens,
+        "quick": quick,
+        "steps": steps,
+        "seed": seed,
+        "batch_size": spec["batch_size"],
+        "lr": spec["lr"],
+        "seq_len": SEQ_LEN,
+        "params": param_count(model),
+        "train_time_s": round(train_time, 1),
+        "train_loss": sum(tail) / len(tail),
+        "train_tokens": steps * spec["batch_size"] * SEQ_LEN,
+        "test_ppl": test.ppl,
+        "test_nll": test.nll,
+        "test_ppl_tokens": test.tokens,
         "unigram_test_ppl": _unigram_ppl(train_ids, test_ids[:eval_tokens], tokenizer.vocab_size),
-        "torch_threads": torch.get_num_threads(), "key": key,
+        "torch_threads": torch.get_num_threads(),
+        "key": key,
     }
 
     # Write to a temp dir and rename, so an interrupted run never leaves a half-written cache entry.
@@ -198,16 +233,25 @@ def _dummy_ids(model: torch.nn.Module, seq_len: int) -> torch.Tensor:
     return (torch.arange(seq_len, device=device) % vocab).unsqueeze(0)
 
 
+def _sdpa_cpu_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of CPU fused attention (QK^T and AV; GQA-aware, causal mask not discounted, as for eager)."""
+    b, h, sq, d = q
+    return 2 * b * h * sq * k[-2] * (d + v[-1])
+
+
 def macs(model: torch.nn.Module, seq_len: int = SEQ_LEN) -> int:
     """Multiply-accumulates of one forward pass on a ``[1, seq_len]`` input (FlopCounterMode flops / 2).
 
-    Counts the matmul-type ops FlopCounterMode knows (linear layers, bmm; attention matmuls only when
-    they run as explicit matmuls -- CPU SDPA is not counted), which is what pruning changes.
+    Counts matmul-type ops (linear layers, attention scores and mixing). FlopCounterMode has no
+    formula for the CPU fused SDPA kernel, so one is supplied; it gives the same count as eager attention.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    custom = {}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
     ids = _dummy_ids(model, seq_len)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         model(input_ids=ids, use_cache=False)
     return counter.get_total_flops() // 2
 
@@ -232,9 +276,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
-    model, _, info = train_tiny_llama(args.cache_dir, steps=args.steps, quick=args.quick, retrain=args.retrain)
+    model, _, info = train_tiny_llama(
+        args.cache_dir, steps=args.steps, quick=args.quick, retrain=args.retrain
+    )
     print(json.dumps({k: v for k, v in info.items() if k != "path"}, indent=2))
-    print(f"params {param_count(model):,}  MACs@{SEQ_LEN} {macs(model):,}  latency {latency_ms(model):.2f} ms")
+    print(
+        f"params {param_count(model):,}  MACs@{SEQ_LEN} {macs(model):,}  latency {latency_ms(model):.2f} ms"
+    )
 
 
 if __name__ == "__main__":

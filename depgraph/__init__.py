@@ -1,16 +1,23 @@
 """depgraph: find, score, cut and draw the coupled structures inside transformer models.
 
->>> graph = depgraph.trace(model)
->>> for g in graph.groups("A"): print(g.kind, g.name, g.size)
+>>> graph = depgraph.trace(model)                 # trace -> rules -> graph -> groups
+>>> a0 = graph.groups("A")[0]
+>>> graph.prune({a0: [0, 5, 7]})                  # exact structural cut, atomic
+>>> depgraph.save_pretrained(model, "out/")       # reload with depgraph.load_pretrained("out/")
 """
 
+from .checkpoint import load_pretrained, save_pretrained
+from .cut import PruneReport, count_parameters, prune, validate_plan, zero_mask
 from .errors import DepGraphError, PruneError, TraceError, UnsupportedModelError
 from .graph import DependencyGraph, trace
 from .groups import Group, GroupKind, Member
+from .sparsity import check_n_m, make_permanent, sensitivity, sparsify, storage_report
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DepGraphError", "DependencyGraph", "Group", "GroupKind", "Member", "PruneError", "TraceError",
-    "UnsupportedModelError", "trace",
+    "DepGraphError", "DependencyGraph", "Group", "GroupKind", "Member", "PruneError", "PruneReport",
+    "TraceError", "UnsupportedModelError", "check_n_m", "count_parameters", "load_pretrained",
+    "make_permanent", "prune", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",
+    "validate_plan", "zero_mask",
 ]

@@ -103,7 +103,9 @@ class ByteTokenizer:
                 if not skip_special_tokens:
                     out.extend(self.SPECIAL_TOKENS[i - 256].encode())
             else:
-                raise ValueError(f"id {i} is outside the byte tokenizer's vocabulary (size {self.vocab_size})")
+                raise ValueError(
+                    f"id {i} is outside the byte tokenizer's vocabulary (size {self.vocab_size})"
+                )
         return out.decode("utf-8", errors="replace")
 
     def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
@@ -115,7 +117,11 @@ class ByteTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "byte_tokenizer.json"
-        spec = {"type": "ByteTokenizer", "vocab_size": self.vocab_size, "special_tokens": list(self.SPECIAL_TOKENS)}
+        spec = {
+            "type": "ByteTokenizer",
+            "vocab_size": self.vocab_size,
+            "special_tokens": list(self.SPECIAL_TOKENS),
+        }
         path.write_text(json.dumps(spec, indent=2) + "\n")
         return path
 
@@ -138,7 +144,8 @@ def tokenize_text(text: str, tokenizer: Any) -> torch.Tensor:
     """
     if isinstance(tokenizer, ByteTokenizer):
         return torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    ids = tokenizer(text)["input_ids"]
+    # verbose=False: long texts get cut into windows later, so the "too long" warning is noise.
+    ids = tokenizer(text, verbose=False)["input_ids"]
     ids = torch.as_tensor(ids, dtype=torch.long)
     if ids.dim() == 2 and ids.shape[0] == 1:  # tokenizer was configured to return a batch
         ids = ids[0]
@@ -162,7 +169,8 @@ def id_streams(source: Any = None, tokenizer: Any = None) -> list[torch.Tensor]:
         text = read_text(source) if isinstance(source, os.PathLike) or _looks_like_file(source) else source
         if tokenizer is None:
             raise ValueError(
-                "text input needs a tokenizer: pass tokenizer=... (an HF tokenizer or depgraph.data.ByteTokenizer) "
+                "text input needs a tokenizer: pass tokenizer=... (an HF tokenizer or "
+                "depgraph.data.ByteTokenizer) "
                 "or pass token ids (a LongTensor or a list of them) instead of text"
             )
         return [tokenize_text(text, tokenizer)]
@@ -184,7 +192,9 @@ def id_streams(source: Any = None, tokenizer: Any = None) -> list[torch.Tensor]:
             if t.dim() == 2 and t.shape[0] == 1:  # a [1, L] batch as returned by tokenizers
                 t = t[0]
             if t.dim() != 1:
-                raise ValueError(f"each list item must be [L] or [1, L] token ids, got shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"each list item must be [L] or [1, L] token ids, got shape {tuple(t.shape)}"
+                )
             streams.append(t)
     else:
         raise TypeError(f"unsupported source type {type(source).__name__}")
@@ -202,7 +212,8 @@ def _check_vocab(streams: list[torch.Tensor], vocab_size: int | None) -> None:
         hi = max(int(t.max()) for t in streams if t.numel())
         if hi >= vocab_size:
             raise ValueError(
-                f"token id {hi} is out of range for vocab_size {vocab_size} (max allowed id {vocab_size - 1}); "
+                f"token id {hi} is out of range for vocab_size {vocab_size} "
+                f"(max allowed id {vocab_size - 1}); "
                 "is the tokenizer the model's own?"
             )
 
@@ -228,7 +239,9 @@ def calibration_batches(
     checked against it so a tokenizer/model mismatch fails here rather than as an index error later.
     """
     if n_samples < 1 or seq_len < 1 or batch_size < 1:
-        raise ValueError(f"n_samples, seq_len and batch_size must be >= 1, got {n_samples}, {seq_len}, {batch_size}")
+        raise ValueError(
+            f"n_samples, seq_len and batch_size must be >= 1, got {n_samples}, {seq_len}, {batch_size}"
+        )
     streams = id_streams(source, tokenizer)
     if all(t.numel() == 0 for t in streams):
         raise ValueError("source contains no tokens")

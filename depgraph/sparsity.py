@@ -292,7 +292,9 @@ def _input_norms(
 # masks
 
 
-def _scores(module: nn.Module, weight: torch.Tensor, norms: Mapping[str, torch.Tensor] | None, name: str):
+def _scores(
+    module: nn.Module, weight: torch.Tensor, norms: Mapping[str, torch.Tensor] | None, name: str
+) -> torch.Tensor:
     """Importance in the ``[out, in]`` view (float32)."""
     score = _in_out_view(module, weight).abs().float()
     if norms is not None:
@@ -315,8 +317,10 @@ def _lowest_k(flat: torch.Tensor, k: int) -> torch.Tensor:
     return drop
 
 
-def _keep_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, rowwise: bool):
-    """0/1 keep mask in the ``[out, in]`` view."""
+def _keep_mask(
+    score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, rowwise: bool
+) -> torch.Tensor:
+    """Boolean keep mask (True = keep) in the ``[out, in]`` view."""
     rows, cols = score.shape
     if nm is not None:
         n, m = nm
@@ -705,7 +709,7 @@ def sensitivity(
                 row[s] = float(eval_fn(model))
                 with torch.no_grad():
                     for name in names:
-                        pass
+                        param(members[name]).copy_(saved[name])
             metrics[group] = row
         finally:
             with torch.no_grad():

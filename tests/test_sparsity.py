@@ -446,3 +446,35 @@ def test_copy_of_masked_model_is_independent(llama):
     clone = copy.deepcopy(llama)
     make_permanent(clone)
     assert is_masked(llama.model.layers[0].mlp.up_proj) and not is_masked(clone.model.layers[0].mlp.up_proj)
+
+
+def test_ties_give_exact_counts_in_position_order():
+    layer = nn.Sequential(nn.Linear(8, 4, bias=False))
+    with torch.no_grad():
+        layer[0].weight.fill_(1.0)
+        layer[0].weight[0, 0] = 0.5
+    report = sparsify(layer, "magnitude", 0.25, progress=False)
+    assert report.layers[0].zeros == 8
+    expected = torch.ones(4, 8)
+    expected[0, :8] = 0.0  # the 0.5, then the earliest of the tied 1.0s
+    assert torch.equal(layer[0].weight_mask, expected)
+    two = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    for module in two:
+        nn.init.constant_(module.weight, 1.0)
+    report = sparsify(two, "magnitude", 0.5, scope="global", progress=False)
+    assert [row.zeros for row in report.layers] == [16, 0]
+
+
+def test_sensitivity_restores_when_eval_fn_raises(llama):
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    calls = []
+
+    def flaky(_model: nn.Module) -> float:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return 0.0
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sensitivity(llama, flaky, sparsities=(0.5, 0.9), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in llama.state_dict().items())

@@ -1,0 +1,360 @@
+"""The structural cut: remove a plan's units from every parameter slice they couple.
+
+``prune(graph, {group: unit_ids})`` is atomic. It validates the whole plan, stages every new
+tensor and every attribute edit, commits them, then runs one forward pass to check the model
+still works; on any failure everything is rolled back, so the model is bit-identical to
+before. Parameters are cut in place (``param.data = ...``), which keeps tied weights tied
+and optimizers' references valid.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import PruneError
+from .groups import Group, GroupKind
+from .layers import (
+    HEAD_ATTRS,
+    HEAD_CONFIG,
+    HIDDEN_ATTRS,
+    HIDDEN_CONFIG,
+    MLP_ATTRS,
+    MLP_CONFIG,
+    Edit,
+    layer_edits,
+)
+
+Plan = Mapping[Group, Iterable[int]]
+
+
+@dataclass
+class PruneReport:
+    """What a cut did: parameter counts, new shapes, attribute edits, units removed per group."""
+
+    params_before: int
+    params_after: int
+    units_removed: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    edits: list[tuple[str, str, object, object]] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Fraction of parameters removed."""
+        return 1.0 - self.params_after / max(self.params_before, 1)
+
+    def __str__(self) -> str:
+        return (f"pruned {sum(self.units_removed.values())} units in {len(self.units_removed)} groups: "
+                f"{self.params_before:,} -> {self.params_after:,} parameters ({self.ratio:.1%} removed)")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters counted once each (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def validate_plan(graph, plan: Plan) -> dict[Group, np.ndarray]:
+    """Check a plan and return sorted unit-id arrays; raise :class:`PruneError` naming the problem."""
+    if not isinstance(plan, Mapping):
+        raise PruneError(f"a pruning plan must map Group -> unit ids, got {type(plan).__name__}")
+    own = {id(g) for g in graph.groups()}
+    checked: dict[Group, np.ndarray] = {}
+    for group, units in plan.items():
+        if not isinstance(group, Group):
+            raise PruneError(f"plan key {group!r} is not a depgraph Group (use graph.groups())")
+        if id(group) not in own:
+            raise PruneError(f"group {group.name} is not a group of this graph (it comes from another "
+                             "trace, or was dropped); take groups from the same graph you prune with")
+        try:
+            ids = np.asarray(list(units))
+        except TypeError as exc:
+            raise PruneError(f"group {group.name}: unit ids must be an iterable of ints ({exc})") from exc
+        if ids.size == 0:
+            continue
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise PruneError(f"group {group.name}: unit ids must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int64)
+        bad = ids[(ids < 0) | (ids >= group.size)]
+        if bad.size:
+            raise PruneError(f"group {group.name}: unit id {int(bad[0])} is out of range [0, {group.size})")
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise PruneError(f"group {group.name}: duplicate unit id {int(uniq[counts > 1][0])}")
+        if uniq.size >= group.size:
+            raise PruneError(f"group {group.name}: the plan removes all {group.size} units; keep at least one "
+                             "(to drop a whole block use depgraph.remove_layers)")
+        checked[group] = uniq
+    return checked
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    return tensors
+
+
+def _scope_modules(model: nn.Module, scope: str) -> list[tuple[str, nn.Module]]:
+    if not scope:
+        return []
+    return [(n, m) for n, m in model.named_modules() if n == scope or n.startswith(scope + ".")]
+
+
+def _scaled(value, before: int, after: int):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % before:
+        return None
+    return value // before * after
+
+
+def _config_of(model: nn.Module):
+    return getattr(model, "config", None)
+
+
+def zero_mask(graph, plan: Plan) -> None:
+    """Reference for the cut: zero the consumer slices (role "in") of the planned units in place.
+
+    For MLP neurons and heads, a model masked this way computes exactly what the cut model does.
+    """
+    checked = validate_plan(graph, plan)
+    tensors = _tensors(graph.model)
+    with torch.no_grad():
+        for group, units in checked.items():
+            for m in group.members:
+                if m.role == "in":
+                    idx = torch.as_tensor(m.indices(units), dtype=torch.long)
+                    tensors[m.param].index_fill_(m.dim, idx.to(tensors[m.param].device), 0)
+
+
+class _Transaction:
+    """Staged tensor and attribute changes with rollback."""
+
+    def __init__(self):
+        self.undo: list[tuple[str, object, str, object]] = []
+
+    def set_data(self, tensor: torch.Tensor, new: torch.Tensor) -> None:
+        self.undo.append(("data", tensor, "data", tensor.data))
+        tensor.data = new
+        if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
+            self.undo.append(("attr", tensor, "grad", tensor.grad))
+            tensor.grad = None
+
+    def set_attr(self, obj, name: str, value) -> None:
+        missing = not hasattr(obj, name)
+        self.undo.append(("del" if missing else "attr", obj, name, None if missing else getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def rollback(self) -> None:
+        for kind, obj, name, old in reversed(self.undo):
+            if kind == "data":
+                obj.data = old
+            elif kind == "del":
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+        self.undo.clear()
+
+
+def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
+    """Cut the units of ``plan`` ({group: unit ids}) from ``graph.model`` in place, atomically.
+
+    Raises :class:`PruneError` (model unchanged) for an invalid plan, a stale graph, a layer
+    that cannot be resized, or a cut model that no longer runs (``verify``).
+    """
+    model = graph.model
+    checked = validate_plan(graph, plan)
+    tensors = _tensors(model)
+    for name, shape in graph.param_shapes.items():
+        if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
+            raise PruneError(f"parameter {name} changed shape since tracing ({shape} -> "
+                             f"{tuple(tensors[name].shape) if name in tensors else 'missing'}): re-trace the model")
+    before = count_parameters(model)
+    if not checked:
+        return PruneReport(before, before)
+
+    # 1. indices to remove along every parameter dim
+    remove: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for group, units in checked.items():
+        for m in group.members:
+            remove[(m.param, m.dim)].update(m.indices(units).tolist())
+    keep_masks: dict[tuple[str, int], np.ndarray] = {}
+    new_shapes: dict[str, tuple[int, ...]] = {}
+    for (param, dim), idx in remove.items():
+        shape = graph.param_shapes[param]
+        keep = np.ones(shape[dim], dtype=bool)
+        keep[list(idx)] = False
+        keep_masks[(param, dim)] = keep
+        new = list(new_shapes.get(param, shape))
+        new[dim] = int(keep.sum())
+        new_shapes[param] = tuple(new)
+
+    # 2. stage new tensors (nothing is modified yet)
+    staged: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for param in new_shapes:
+            data = tensors[param].data
+            for (p, dim), keep in keep_masks.items():
+                if p == param:
+                    index = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=data.device)
+                    data = data.index_select(dim, index)
+            staged[param] = data.contiguous()
+
+    # 3. stage attribute edits
+    edits = _module_edits(model, new_shapes)
+    config_edits = _group_edits(graph, checked)
+    transaction = _Transaction()
+    try:
+        for param, data in staged.items():
+            transaction.set_data(tensors[param], data)
+        for obj, name, value in edits + config_edits:
+            old = getattr(obj, name, None)
+            if old is not value and not (isinstance(value, (int, float, str, tuple)) and old == value):
+                transaction.set_attr(obj, name, value)
+        if verify:
+            _check_forward(graph)
+    except PruneError:
+        transaction.rollback()
+        raise
+    except Exception as exc:  # any failure leaves the model as it was
+        transaction.rollback()
+        raise PruneError(f"the cut could not be applied ({type(exc).__name__}: {str(exc)[:300]}); "
+                         "the model was left unchanged") from exc
+
+    report = PruneReport(before, count_parameters(model))
+    report.units_removed = {g.name: int(u.size) for g, u in checked.items()}
+    report.shapes = {p: (tuple(graph.param_shapes[p]), s) for p, s in new_shapes.items()}
+    names = {id(m): n for n, m in model.named_modules()}
+    for kind, obj, name, old in transaction.undo:
+        if kind != "data":
+            report.edits.append((names.get(id(obj), type(obj).__name__), name, old, getattr(obj, name, None)))
+    _update_graph(graph, checked, keep_masks, new_shapes)
+    return report
+
+
+def _module_edits(model: nn.Module, new_shapes: dict[str, tuple[int, ...]]) -> list[Edit]:
+    owners = {name.rsplit(".", 1)[0] if "." in name else "" for name in new_shapes}
+    edits: list[Edit] = []
+    for name, module in model.named_modules():
+        if name in owners:
+            edits.extend(layer_edits(module, new_shapes, name))
+    return edits
+
+
+def _group_edits(graph, checked: dict[Group, np.ndarray]) -> list[Edit]:
+    """Head counts, MLP widths and hidden sizes stored on modules and in the config."""
+    model = graph.model
+    config = _config_of(model)
+    edits: list[Edit] = []
+    pinned_head_dim = False
+    local_configs: dict[int, object] = {}
+    for kind, attrs, fields in ((GroupKind.A, MLP_ATTRS, MLP_CONFIG), (GroupKind.B, HEAD_ATTRS, HEAD_CONFIG)):
+        targets: dict[str, list] = defaultdict(list)  # config field -> [(scope modules, new value)]
+        for group in graph.groups(kind):
+            units = checked.get(group)
+            after = group.size - (0 if units is None else units.size)
+            modules = _scope_modules(model, group.name)
+            if units is not None:
+                for _, module in modules:
+                    for attr in attrs:
+                        new = _scaled(getattr(module, attr, None), group.size, after)
+                        if new is not None and attr in vars(module):
+                            edits.append((module, attr, new))
+            scope_config = next((m.config for _, m in modules if getattr(m, "config", None) is not None), config)
+            for name in fields:
+                value = getattr(scope_config, name, None) if scope_config is not None else None
+                new = _scaled(value, group.size, after)
+                if new is not None:
+                    targets[name].append((modules, new, units is not None))
+        if config is None:
+            continue
+        if kind is GroupKind.B and targets and any(cut for v in targets.values() for *_, cut in v):
+            pinned_head_dim |= _pin_head_dim(config, edits)
+        for name, values in targets.items():
+            if not any(cut for *_, cut in values):
+                continue
+            if len({v for _, v, _ in values}) == 1:
+                edits.append((config, name, values[0][1]))  # uniform: the config can say it
+                for modules, new, _ in values:
+                    for _, module in modules:
+                        if getattr(module, "config", None) is not None and module.config is not config:
+                            edits.append((module.config, name, new))
+            else:  # per-layer sizes: give the scope's modules their own config copy
+                for modules, new, cut in values:
+                    if not cut:
+                        continue
+                    for _, module in modules:
+                        if getattr(module, "config", None) is None:
+                            continue
+                        if module.config is config:
+                            if id(module) not in local_configs:
+                                local_configs[id(module)] = copy.copy(config)
+                                edits.append((module, "config", local_configs[id(module)]))
+                            edits.append((local_configs[id(module)], name, new))
+                        else:
+                            edits.append((module.config, name, new))
+    hidden = [g for g in graph.groups(GroupKind.C) if g in checked]
+    for group in hidden:
+        after = group.size - checked[group].size
+        if config is not None and not pinned_head_dim:
+            pinned_head_dim = _pin_head_dim(config, edits)
+        for _, module in model.named_modules():
+            for attr in HIDDEN_ATTRS:
+                if attr in vars(module) and getattr(module, attr) == group.size:
+                    edits.append((module, attr, after))
+        if config is not None:
+            for name in HIDDEN_CONFIG:
+                if getattr(config, name, None) == group.size:
+                    edits.append((config, name, after))
+    return edits
+
+
+def _pin_head_dim(config, edits: list[Edit]) -> bool:
+    """Keep ``head_dim`` explicit before head counts or hidden size change (it defaults to their ratio)."""
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if getattr(config, "head_dim", None) is None and isinstance(heads, int) and isinstance(hidden, int) and heads:
+        edits.append((config, "head_dim", hidden // heads))
+    return True
+
+
+def _check_forward(graph) -> None:
+    args, kwargs = graph.example_inputs
+    model = graph.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:
+        raise PruneError(f"the cut model no longer runs forward ({type(exc).__name__}: {str(exc)[:300]}); "
+                         "the cut was rolled back and the model is unchanged") from exc
+    finally:
+        model.train(was_training)
+
+
+def _update_graph(graph, checked, keep_masks, new_shapes) -> None:
+    """Keep the graph valid for further pruning: shrink members, renumber units."""
+    for group in graph.groups():
+        for m in group.members:
+            keep = keep_masks.get((m.param, m.dim))
+            if keep is not None:
+                m.unit_of_index = m.unit_of_index[keep]
+        units = checked.get(group)
+        if units is not None:
+            alive = np.ones(group.size, dtype=bool)
+            alive[units] = False
+            new_id = np.cumsum(alive) - 1
+            for m in group.members:
+                m.unit_of_index = np.where(m.unit_of_index >= 0, new_id[np.maximum(m.unit_of_index, 0)], -1)
+            group.size -= int(units.size)
+    for (param, dim), keep in keep_masks.items():
+        graph._param_ids[(param, dim)] = graph._param_ids[(param, dim)][keep]
+        node = f"param:{param}:{dim}"
+        if node in graph.nx:
+            graph.nx.nodes[node]["size"] = int(keep.sum())
+    graph.param_shapes.update(new_shapes)
+    graph._set_param_counts()
