@@ -16,12 +16,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .errors import DepGraphError
 
 STATE_FILE = "depgraph.json"
+WEIGHTS_FILE = "model.safetensors"
+BUFFERS_FILE = "depgraph_buffers.safetensors"
 _SIMPLE = (int, float, bool, str)
 
 
@@ -62,35 +64,38 @@ def model_diff(model: nn.Module) -> dict:
     return {"shapes": shapes, "attrs": attrs, "configs": configs}
 
 
+def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers the state dict leaves out (rotary tables, embedding scales): their values matter."""
+    persistent = set(model.state_dict())
+    return {n: b.detach().contiguous().clone() for n, b in model.named_buffers() if n not in persistent}
+
+
 def save_pretrained(model: nn.Module, path: str | Path, **kwargs) -> dict:
     """Save weights (safetensors), config and the per-layer shapes; returns the saved state.
 
-    ``state["hf_compatible"]`` says whether plain ``from_pretrained`` can reload it too.
+    ``state["hf_compatible"]`` says whether plain ``from_pretrained`` can reload it too; then the
+    files are exactly what ``model.save_pretrained`` writes. Otherwise the weights are written
+    with the model's own parameter names and only :func:`load_pretrained` can read them.
     """
     if not hasattr(model, "save_pretrained") or getattr(model, "config", None) is None:
         raise DepGraphError(f"{type(model).__name__} is not a Hugging Face PreTrainedModel; save its "
                             "state_dict with torch.save/safetensors instead")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True, **kwargs)
     state = model_diff(model)
     state.update(
         format=1, cls=type(model).__name__, module=type(model).__module__,
         hf_compatible=not (state["shapes"] or state["attrs"] or state["configs"]),
     )
-    (path / STATE_FILE).write_text(json.dumps(state, indent=1))
-    return state
-
-
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if state["hf_compatible"]:
+        model.save_pretrained(path, safe_serialization=True, **kwargs)
     else:
-        files = ["model.safetensors"]
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(path / name)))
+        model.config.save_pretrained(path)
+        save_model(model, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    buffers = _non_persistent_buffers(model)
+    if buffers:
+        save_file(buffers, str(path / BUFFERS_FILE))
+    (path / STATE_FILE).write_text(json.dumps(state, indent=1))
     return state
 
 
@@ -105,43 +110,35 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
                             "(use transformers' from_pretrained for plain checkpoints)")
     state = json.loads(state_file.read_text())
     cls = getattr(importlib.import_module(state["module"]), state["cls"])
-    config = AutoConfig.from_pretrained(path)
-    # a real (CPU) build: non-persistent buffers such as rotary frequencies are computed here
-    model = cls(config)
-    modules = dict(model.named_modules())
-    for mpath, diff in state["configs"].items():
-        local = copy.copy(config)  # no re-validation: per-layer sizes may break the class's checks
-        for key, value in diff.items():
-            setattr(local, key, value)
-        modules[mpath].config = local
-    for mpath, attrs in state["attrs"].items():
-        for key, value in attrs.items():
-            setattr(modules[mpath], key, tuple(value) if isinstance(value, list) else value)
-    tensors = dict(model.named_parameters())
-    tensors.update(dict(model.named_buffers()))
-    for name, shape in state["shapes"].items():
-        tensors[name].data = torch.empty(shape, dtype=tensors[name].dtype)
-    weights = _load_weights(path)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
-    missing = [m for m in missing if m not in tied and not _is_tied_alias(model, m, weights)]
-    if missing or unexpected:
-        raise DepGraphError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]}")
+    if state["hf_compatible"]:
+        model = cls.from_pretrained(path)
+    else:
+        config = AutoConfig.from_pretrained(path)
+        model = cls(config)  # a real build: buffers are computed, then overwritten below
+        modules = dict(model.named_modules())
+        for mpath, diff in state["configs"].items():
+            local = copy.copy(config)  # no re-validation: per-layer sizes may break the class's checks
+            for key, value in diff.items():
+                setattr(local, key, value)
+            modules[mpath].config = local
+        for mpath, attrs in state["attrs"].items():
+            for key, value in attrs.items():
+                setattr(modules[mpath], key, tuple(value) if isinstance(value, list) else value)
+        tensors = dict(model.named_parameters())
+        tensors.update(dict(model.named_buffers()))
+        for name, shape in state["shapes"].items():
+            tensors[name].data = torch.empty(shape, dtype=tensors[name].dtype)
+        missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
+        if missing or unexpected:
+            raise DepGraphError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
+                                f"unexpected {sorted(unexpected)[:5]}")
+    buffers_file = path / BUFFERS_FILE
+    if buffers_file.exists():
+        tensors = dict(model.named_buffers())
+        for name, value in load_file(str(buffers_file)).items():
+            if name in tensors:
+                tensors[name].data = value.to(tensors[name].dtype)
     model = model.to(device)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
-
-
-def _is_tied_alias(model: nn.Module, name: str, weights: dict) -> bool:
-    """True when ``name`` shares storage with a loaded tensor (tied embeddings)."""
-    tensor = dict(model.named_parameters(remove_duplicate=False)).get(name)
-    if tensor is None:
-        return False
-    for other, t in model.named_parameters():
-        if t is tensor and other in weights:
-            return True
-    return False

@@ -258,9 +258,14 @@ def _group_edits(graph, checked: dict[Group, np.ndarray]) -> list[Edit]:
             after = group.size - (0 if units is None else units.size)
             modules = _scope_modules(model, group.name)
             if units is not None:
+                # inside attention, "hidden_size"/"embed_dim" equal to heads x head_dim mean the inner size
+                inner = max((len(m.indices()) for m in group.members if m.role == "in"), default=-1)
                 for _, module in modules:
-                    for attr in attrs:
-                        new = _scaled(getattr(module, attr, None), group.size, after)
+                    for attr in attrs + (HIDDEN_ATTRS if kind is GroupKind.B else ()):
+                        value = getattr(module, attr, None)
+                        if attr in HIDDEN_ATTRS and attr not in attrs and value != inner:
+                            continue
+                        new = _scaled(value, group.size, after)
                         if new is not None and attr in vars(module):
                             edits.append((module, attr, new))
             scope_config = next((m.config for _, m in modules if getattr(m, "config", None) is not None), config)
@@ -301,7 +306,10 @@ def _group_edits(graph, checked: dict[Group, np.ndarray]) -> list[Edit]:
         after = group.size - checked[group].size
         if config is not None and not pinned_head_dim:
             pinned_head_dim = _pin_head_dim(config, edits)
-        for _, module in model.named_modules():
+        attention = tuple(g.name + "." for g in graph.groups(GroupKind.B))
+        for path, module in model.named_modules():
+            if (path + ".").startswith(attention):
+                continue  # there these names mean heads x head_dim (handled with the B groups)
             for attr in HIDDEN_ATTRS:
                 if attr in vars(module) and getattr(module, attr) == group.size:
                     edits.append((module, attr, after))

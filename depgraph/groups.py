@@ -144,7 +144,9 @@ def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp:
             new_b.append(factors[0])
             continue
         chosen = None
-        for k, f in enumerate(factors):
+        # never the innermost factor: it is the contiguous feature axis (head_dim), whose
+        # size the module hard-codes; outer factors frozen by select/unbind may be skipped
+        for k, f in enumerate(factors[:-1]):
             if not frozen_comp[labels[f]].any():
                 chosen = k
                 break

@@ -26,7 +26,7 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def default_inputs(model: nn.Module, batch: int = 1, seq_len: int = 8) -> tuple[tuple, dict[str, Any]]:
+def default_inputs(model: nn.Module, batch: int = 2, seq_len: int = 8) -> tuple[tuple, dict[str, Any]]:
     """Example inputs built from the model's config: token ids for a transformer."""
     config = getattr(model, "config", None)
     device = model_device(model)

@@ -57,9 +57,10 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000,
         max_position_embeddings=128, partial_rotary_factor=0.5)),
+    # Falcon-40B layout: grouped fused qkv ([kv heads, q per kv + 2, head_dim]), parallel attn+MLP
     "falcon": ("FalconConfig", "FalconForCausalLM", dict(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000,
-        new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False, alibi=False)),
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, vocab_size=1000,
+        new_decoder_architecture=True, parallel_attn=True, bias=False, alibi=False)),
 }
 
 FAMILIES: list[str] = list(_SPECS)
@@ -72,10 +73,7 @@ def config_for(family: str, **overrides):
     if family not in _SPECS:
         raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     config_cls, _, kwargs = _SPECS[family]
-    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
-    if hasattr(config, "_attn_implementation"):
-        config._attn_implementation = "sdpa" if family != "bert" else "eager"
-    return config
+    return getattr(transformers, config_cls)(**{**kwargs, **overrides})
 
 
 def tiny_model(family: str, seed: int = 0, device: str | torch.device | None = None, **overrides) -> nn.Module:

@@ -70,6 +70,8 @@ class RuleContext:
     embed_ids: list[np.ndarray] = field(default_factory=list)
     uses: list[ParamUse] = field(default_factory=list)
     param_of_node: dict[str, str] = field(default_factory=dict)
+    # views of a parameter (``w.t()``, ``w.to(dtype)``): node -> (parameter node, source dim per dim)
+    param_views: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
     unknown: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
     axis_edges: list[tuple[str, str, str]] = field(default_factory=list)
     current: fx.Node | None = None
@@ -127,12 +129,27 @@ class RuleContext:
         self.embed_ids.append(axis.ids)
 
     def use(self, param_node: fx.Node | None, dim: int, role: str) -> None:
-        """Record that the current op uses ``dim`` of a parameter in ``role``."""
-        if param_node is None:
+        """Record that the current op uses ``dim`` of a parameter (or a view of one) in ``role``."""
+        if not isinstance(param_node, fx.Node):
             return
-        name = self.param_of_node.get(param_node.name)
+        key = param_node.name
+        if key in self.param_views:
+            key, dims = self.param_views[key]
+            dim = dims[dim]
+        name = self.param_of_node.get(key)
         if name is not None:
             self.uses.append(ParamUse(name, dim, role, self.current.name if self.current else "", self.order))
+
+    def view_of_param(self, src, node: fx.Node, dims: list[int] | None = None) -> None:
+        """``node`` is a layout view of parameter ``src``; output dim j is source dim ``dims[j]``."""
+        if not isinstance(src, fx.Node):
+            return
+        base, base_dims = self.param_views.get(src.name, (src.name, None))
+        if base not in self.param_of_node:
+            return
+        if dims is None:
+            dims = list(range(len(self.axes.get(src.name) or [])))
+        self.param_views[node.name] = (base, [base_dims[d] if base_dims else d for d in dims])
 
     def unknown_op(self, node: fx.Node, touched: list[Axis]) -> None:
         """An op no rule understands: freeze everything it touches and remember it."""
@@ -151,7 +168,7 @@ class RuleContext:
         return None
 
     def is_param(self, arg) -> bool:
-        return isinstance(arg, fx.Node) and arg.name in self.param_of_node
+        return isinstance(arg, fx.Node) and (arg.name in self.param_of_node or arg.name in self.param_views)
 
     def op_name(self) -> str:
         return str(self.current.target) if self.current is not None else ""
@@ -161,6 +178,31 @@ class RuleContext:
         if node is None:
             return ""
         return f"{node.target} at {module_path(node) or '<top>'}"
+
+
+_MISSING = object()
+
+
+def op_arg(node: fx.Node, name: str, default=None):
+    """Argument ``name`` of an ATen op node, positional or keyword, else the schema default.
+
+    Rules should read optional arguments with this rather than ``node.args[i]``: the same op
+    may be recorded with keyword arguments, and reading the wrong position silently
+    misreads (e.g. ``norm(x, 2, dim)``'s ``p=2`` taken for a dimension).
+    """
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node.kwargs.get(name, default)
+    for i, argument in enumerate(schema.arguments):
+        if argument.name != name:
+            continue
+        if not argument.kwarg_only and i < len(node.args):
+            return node.args[i]
+        if name in node.kwargs:
+            return node.kwargs[name]
+        value = argument.default_value if argument.has_default_value() else _MISSING
+        return default if value is _MISSING or value is None else value
+    return default
 
 
 def axis_key(name: str, dim: int) -> str:

@@ -143,3 +143,73 @@ def sdpa(ctx: RuleContext, node: fx.Node):
             if j <= len(scores) and ma[-j].size == scores[-j].size and ma[-j].size > 1:
                 ctx.couple(ma[-j], scores[-j], "attention mask")
     return out
+
+
+def _einsum_terms(equation: str, ndims: list[int]) -> tuple[list[str], str] | None:
+    """Inputs' and output's subscripts of an einsum, with ``...`` spelled out as capitals."""
+    equation = equation.replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ndims):
+        return None
+    n_ell = max((nd - len(t.replace("...", "")) for t, nd in zip(terms, ndims) if "..." in t), default=0)
+    ell = "".join(chr(ord("A") + k) for k in range(n_ell))
+    spelled = []
+    for t, nd in zip(terms, ndims):
+        if "..." in t:
+            k = nd - len(t.replace("...", ""))
+            t = t.replace("...", ell[n_ell - k:])
+        if len(t) != nd:
+            return None
+        spelled.append(t)
+    if not arrow:  # implicit output: broadcast dims, then the letters seen once, sorted
+        letters = "".join(spelled)
+        rhs = "..." + "".join(sorted(c for c in set(letters) if c.islower() and letters.count(c) == 1))
+    return spelled, rhs.replace("...", ell)
+
+
+@register(aten.einsum)
+def einsum(ctx: RuleContext, node: fx.Node):
+    """Every subscript letter is one set of neurons: axes sharing a letter are coupled.
+
+    Letters in the output are carried through (batch / head / kept dims), letters only in the
+    inputs are contracted. A size-1 axis broadcast against a larger one couples nothing.
+    """
+    operands = list(node.args[1])
+    axes = [ctx.tensor_axes(t) for t in operands]
+    shape = shape_of(node)
+    if shape is None or any(a is None for a in axes):
+        return NotImplemented
+    terms = _einsum_terms(node.args[0], [len(a) for a in axes])
+    if terms is None:
+        return NotImplemented
+    inputs, output = terms
+    if len(output) != len(shape):
+        return NotImplemented
+    by_letter: dict[str, list[Axis]] = {}
+    for term, ax in zip(inputs, axes):
+        for letter, axis in zip(term, ax):
+            by_letter.setdefault(letter, []).append(axis)
+    for letter, found in by_letter.items():
+        big = [a for a in found if a.size > 1] or found[:1]
+        for other in big[1:]:
+            ctx.couple(big[0], other, f"einsum {letter}")
+    # letters shared by two activations and kept are batch dims; with a contraction, the
+    # non-trivial ones are attention heads (as for matmul)
+    contracted = any(letter not in output for letter in by_letter)
+    acts = [term for term, t in zip(inputs, operands) if not ctx.is_param(t)]
+    batch = {c for c in output if len(acts) >= 2 and sum(c in term for term in acts) >= 2} if contracted else set()
+    for term, t in zip(inputs, operands):
+        if ctx.is_param(t):
+            for d, letter in enumerate(term):
+                ctx.use(t, d, "out" if letter in output else "in")
+    out = []
+    for j, letter in enumerate(output):
+        found = [a for a in by_letter.get(letter, []) if a.size == shape[j]]
+        if not found:
+            out.append(ctx.fresh(node, j, shape[j]))
+            continue
+        out.append(ctx.same(found[0], node, j))
+        if letter in batch and out[-1].size > 1:
+            ctx.mark_heads(out[-1])
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .context import RuleContext, shape_of
+from .context import RuleContext, op_arg
 from .pointwise import pointwise
 from .registry import register
 
@@ -52,32 +52,40 @@ def native_layer_norm(ctx: RuleContext, node: fx.Node):
     return [out, *stats]
 
 
+def _reduced_dims(node: fx.Node, ndim: int) -> set[int]:
+    # read ``dim`` by name: positional scalars before it (norm's p, kthvalue's k) are not dims
+    dims = op_arg(node, "dim")
+    if dims is None:
+        return set(range(ndim))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return {d % ndim for d in dims} if dims else set(range(ndim))
+
+
 @register(aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.norm, aten.linalg_vector_norm,
-          aten.logsumexp, aten.prod, aten.any, aten.all, aten.count_nonzero, aten.var_mean)
+          aten.logsumexp, aten.prod, aten.any, aten.all, aten.count_nonzero, aten.var_mean, aten.std_mean,
+          aten.aminmax)
 def reduce(ctx: RuleContext, node: fx.Node):
     xa = ctx.tensor_axes(node.args[0])
-    shape = shape_of(node)
-    if xa is None or shape is None:
+    val = node.meta.get("val")
+    if xa is None or val is None:
         return NotImplemented
-    dims = None
-    for arg in list(node.args[1:]) + [node.kwargs.get("dim")]:
-        if isinstance(arg, int) and not isinstance(arg, bool):
-            dims = [arg]
-            break
-        if isinstance(arg, (list, tuple)) and all(isinstance(d, int) for d in arg):
-            dims = list(arg)
-            break
     nd = len(xa)
-    reduced = set(range(nd)) if not dims else {d % nd for d in dims}
-    keep = len(shape) == nd
-    out = []
-    for j, a in enumerate(xa):
-        if j in reduced:
-            if keep:
-                out.append(ctx.fresh(node, j, 1))
-        else:
-            out.append(ctx.same(a, node, len(out)))
-    return out
+    reduced = _reduced_dims(node, nd)
+
+    def one(shape) -> list:
+        keep = len(shape) == nd
+        out = []
+        for j, a in enumerate(xa):
+            if j in reduced:
+                if keep:
+                    out.append(ctx.fresh(node, j, 1))
+            else:
+                out.append(ctx.same(a, node, len(out)))
+        return out
+
+    if isinstance(val, (tuple, list)):  # var_mean / std_mean / aminmax: one result per statistic
+        return [one(v.shape) for v in val]
+    return one(val.shape)
 
 
 @register(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum, aten.cumprod,
@@ -90,9 +98,14 @@ def along_dim(ctx: RuleContext, node: fx.Node):
     return [ctx.same(a, node, j) for j, a in enumerate(xa)]
 
 
-@register(aten.max, aten.min, aten.sort, aten.topk, aten.kthvalue, aten.median, aten.mode)
+@register(aten.max, aten.min, aten.sort, aten.topk, aten.kthvalue, aten.median, aten.mode, aten.cummax,
+          aten.cummin)
 def reduce_with_indices(ctx: RuleContext, node: fx.Node):
-    # values/indices pairs along a dimension: indices name positions, so that axis is frozen
+    """(values, indices) along ``dim``: that axis names positions, so it is frozen.
+
+    The other axes are untouched by the op (a max over the sequence keeps every hidden
+    channel in place): the values pass them through; the indices are data (fresh, frozen).
+    """
     xa = ctx.tensor_axes(node.args[0])
     val = node.meta.get("val")
     if xa is None:
@@ -101,13 +114,18 @@ def reduce_with_indices(ctx: RuleContext, node: fx.Node):
         if len(node.args) > 1 and isinstance(node.args[1], fx.Node):
             return pointwise(ctx, node)
         return reduce(ctx, node)
-    dim = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else -1
-    if node.target in (aten.topk.default,):
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
-    dim = dim % len(xa)
+    dim = op_arg(node, "dim", -1) % len(xa)
     ctx.freeze(xa[dim], f"{node.target} indices at {ctx.where()}")
-    outs = []
-    for v in val:
+    values = []
+    for j, a in enumerate(xa):
+        if j == dim:
+            if len(val[0].shape) == len(xa):  # keepdim, or sort/topk/cummax keep the axis
+                values.append(ctx.fresh(node, len(values), int(val[0].shape[j])))
+                ctx.freeze(values[-1], "positions")
+        else:
+            values.append(ctx.same(a, node, len(values)))
+    outs = [values]
+    for v in val[1:]:
         outs.append([ctx.fresh(node, j, s) for j, s in enumerate(v.shape)])
         for axis in outs[-1]:
             ctx.freeze(axis, "positions")

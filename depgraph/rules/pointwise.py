@@ -19,13 +19,20 @@ aten = torch.ops.aten
 
 # Ops torch does not tag "pointwise" but that keep every element in place.
 _PASSTHROUGH = (
-    aten.to, aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.detach, aten.dropout,
-    aten.native_dropout, aten.type_as, aten.lift_fresh_copy, aten.masked_fill, aten.where, aten.clamp,
+    aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.detach, aten.dropout,
+    aten.native_dropout, aten.lift_fresh_copy, aten.detach_, aten.masked_fill, aten.where, aten.clamp,
     aten.clamp_min, aten.clamp_max, aten.feature_dropout, aten.alpha_dropout, aten.copy,
     aten.relu, aten.gelu, aten.silu, aten.tanh, aten.sigmoid, aten.softplus, aten.hardtanh,
     aten.leaky_relu, aten.elu, aten.mish, aten.hardswish, aten.hardsigmoid, aten.celu, aten.selu,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
 )
+
+
+_LAYOUT_PRESERVING = {
+    op for packet in (aten.to, aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.detach,
+                      aten.lift_fresh_copy, aten.type_as)
+    for op in (getattr(packet, name) for name in packet.overloads())
+}
 
 
 def tensor_inputs(ctx: RuleContext, node: fx.Node) -> list[list[Axis]]:
@@ -76,6 +83,8 @@ def pointwise(ctx: RuleContext, node: fx.Node):
         if len(axes) > len(shape):  # not a broadcast: let the conservative rule handle it
             return NotImplemented
     out = broadcast(ctx, node, inputs, shape)
+    if len(inputs) == 1 and len(inputs[0]) == len(shape) and node.target in _LAYOUT_PRESERVING:
+        ctx.view_of_param(node.args[0], node)  # w.to(dtype), w.contiguous(): still the parameter
     name = str(getattr(node.target, "__name__", node.target))
     role = "scale" if ("mul" in name or "div" in name) else "bias" if ("add" in name or "sub" in name) else "other"
     for arg in node.args:
@@ -83,6 +92,16 @@ def pointwise(ctx: RuleContext, node: fx.Node):
             for d in range(len(ctx.tensor_axes(arg))):
                 ctx.use(arg, d, role)
     return out
+
+
+@register(aten.type_as, aten.to)
+def type_as(ctx: RuleContext, node: fx.Node):
+    # ``x.type_as(other)`` / ``x.to(other)``: ``other`` only lends its dtype and device;
+    # coupling it elementwise would tie unrelated channels (e.g. a norm weight's)
+    src = ctx.tensor_axes(node.args[0])
+    if src is None:
+        return NotImplemented
+    return [ctx.same(a, node, j) for j, a in enumerate(src)]
 
 
 @register(aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .context import Axis, RuleContext, axis_key, shape_of
+from .context import Axis, RuleContext, axis_key, op_arg, shape_of
 from .registry import register
 
 aten = torch.ops.aten
@@ -81,29 +81,32 @@ def reshape(ctx: RuleContext, node: fx.Node):
 def transpose(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
     nd = len(src)
-    d0, d1 = _dim(node.args[1], nd), _dim(node.args[2], nd)
+    d0 = _dim(op_arg(node, "dim0", op_arg(node, "axis0")), nd)
+    d1 = _dim(op_arg(node, "dim1", op_arg(node, "axis1")), nd)
     order = list(range(nd))
     order[d0], order[d1] = order[d1], order[d0]
+    ctx.view_of_param(node.args[0], node, order)
     return [ctx.same(src[o], node, j) for j, o in enumerate(order)]
 
 
 @register(aten.permute)
 def permute(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    order = [_dim(d, len(src)) for d in node.args[1]]
+    order = [_dim(d, len(src)) for d in op_arg(node, "dims")]
     return [ctx.same(src[o], node, j) for j, o in enumerate(order)]
 
 
 @register(aten.t, aten.numpy_T)
 def matrix_t(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
+    ctx.view_of_param(node.args[0], node, list(reversed(range(len(src)))))
     return [ctx.same(a, node, j) for j, a in enumerate(reversed(src))]
 
 
 @register(aten.unsqueeze)
 def unsqueeze(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    d = _dim(node.args[1], len(src) + 1)
+    d = _dim(op_arg(node, "dim"), len(src) + 1)
     out = [ctx.same(a, node, j if j < d else j + 1) for j, a in enumerate(src)]
     out.insert(d, ctx.fresh(node, d, 1))
     return out
@@ -112,8 +115,9 @@ def unsqueeze(ctx: RuleContext, node: fx.Node):
 @register(aten.squeeze)
 def squeeze(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    if len(node.args) > 1:
-        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    dims = op_arg(node, "dim")
+    if dims is not None:
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
         drop = {_dim(d, len(src)) for d in dims if src[_dim(d, len(src))].size == 1}
     else:
         drop = {j for j, a in enumerate(src) if a.size == 1}
@@ -154,8 +158,8 @@ def repeat(ctx: RuleContext, node: fx.Node):
 @register(aten.repeat_interleave)
 def repeat_interleave(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    reps = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    reps = op_arg(node, "repeats")
+    dim = op_arg(node, "dim")
     if src is None or not isinstance(reps, int) or dim is None:
         return NotImplemented
     dim = _dim(dim, len(src))
@@ -165,20 +169,17 @@ def repeat_interleave(ctx: RuleContext, node: fx.Node):
 @register(aten.slice)
 def slice_(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    args = list(node.args) + [None] * 5
-    dim = _dim(args[1] if args[1] is not None else 0, len(src))
-    start = args[2] if args[2] is not None else 0
-    end = args[3] if args[3] is not None else src[dim].size
-    step = args[4] if args[4] is not None else 1
-    sub = slice(*slice(start, end, step).indices(src[dim].size))
+    dim = _dim(op_arg(node, "dim", 0), len(src))
+    # None bounds and negative / past-the-end ints: python slice semantics, as torch does
+    sub = slice(*slice(op_arg(node, "start"), op_arg(node, "end"), op_arg(node, "step", 1)).indices(src[dim].size))
     return [ctx.same(a, node, j, a.ids[sub] if j == dim else None) for j, a in enumerate(src)]
 
 
 @register(aten.narrow)
 def narrow(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(node.args[1], len(src))
-    start, length = node.args[2], node.args[3]
+    dim = _dim(op_arg(node, "dim"), len(src))
+    start, length = op_arg(node, "start"), op_arg(node, "length")
     start = start + src[dim].size if start < 0 else start
     return [ctx.same(a, node, j, a.ids[start:start + length] if j == dim else None) for j, a in enumerate(src)]
 
@@ -187,7 +188,7 @@ def narrow(ctx: RuleContext, node: fx.Node):
 def select(ctx: RuleContext, node: fx.Node):
     # code that reads one fixed index would read another neuron after a cut: freeze the axis
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(node.args[1], len(src))
+    dim = _dim(op_arg(node, "dim"), len(src))
     ctx.freeze(src[dim], f"select at {ctx.where()}")
     kept = [a for j, a in enumerate(src) if j != dim]
     return [ctx.same(a, node, j) for j, a in enumerate(kept)]
@@ -198,7 +199,7 @@ def cat(ctx: RuleContext, node: fx.Node):
     parts = [ctx.tensor_axes(t) for t in node.args[0]]
     shape = shape_of(node)
     parts = [p for p in parts if p is not None and len(p) == len(shape)]  # legacy 1-D empties
-    dim = _dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(shape))
+    dim = _dim(op_arg(node, "dim", 0), len(shape))
     out = []
     for j in range(len(shape)):
         if j == dim:
@@ -225,33 +226,131 @@ def _pieces(ctx: RuleContext, node: fx.Node, src: list[Axis], dim: int, sizes: l
     return outs
 
 
-@register(aten.split, aten.split_with_sizes, aten.split_copy)
+def _equal_pieces(ctx: RuleContext, node: fx.Node, src: list[Axis], dim: int, each: int):
+    """Split into pieces of ``each`` (chunk / split by size): every piece must lose the same indices.
+
+    The model splits by a count or a size derived from its config, so after a cut the pieces
+    must still be equal: index ``i`` of every piece is coupled (GLU gate/up halves, fused
+    q/k/v thirds). A ragged last piece cannot stay ragged-by-the-same-amount: freeze the axis.
+    """
+    total = src[dim].size
+    sizes = [min(each, total - s) for s in range(0, total, each)]
+    pieces = _pieces(ctx, node, src, dim, sizes)
+    if len(set(sizes)) > 1:
+        ctx.freeze(src[dim], f"uneven {node.target} at {ctx.where()}")
+    else:
+        for piece in pieces[1:]:
+            ctx.couple(pieces[0][dim], piece[dim], f"{node.target} (equal pieces)")
+    return pieces
+
+
+@register(aten.split, aten.split_copy)
 def split(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), len(src))
-    spec = node.args[1]
-    total = src[dim].size
-    sizes = list(spec) if isinstance(spec, (list, tuple)) else [min(spec, total - s) for s in range(0, total, spec)]
-    return _pieces(ctx, node, src, dim, sizes)
+    dim = _dim(op_arg(node, "dim", 0), len(src))
+    spec = op_arg(node, "split_size")
+    if isinstance(spec, (list, tuple)):  # split.sizes
+        return _pieces(ctx, node, src, dim, list(spec))
+    return _equal_pieces(ctx, node, src, dim, int(spec))
 
 
-@register(aten.chunk)
+@register(aten.split_with_sizes, aten.split_with_sizes_copy)
+def split_with_sizes(ctx: RuleContext, node: fx.Node):
+    # explicit sizes (q/k/v of different widths): each piece follows its own structure
+    src = ctx.tensor_axes(node.args[0])
+    dim = _dim(op_arg(node, "dim", 0), len(src))
+    return _pieces(ctx, node, src, dim, list(op_arg(node, "split_sizes")))
+
+
+@register(aten.chunk, aten.unsafe_chunk)
 def chunk(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), len(src))
-    total = src[dim].size
-    each = -(-total // node.args[1])
-    sizes = [min(each, total - s) for s in range(0, total, each)]
-    return _pieces(ctx, node, src, dim, sizes)
+    dim = _dim(op_arg(node, "dim", 0), len(src))
+    each = -(-src[dim].size // op_arg(node, "chunks"))
+    return _equal_pieces(ctx, node, src, dim, each)
 
 
 @register(aten.unbind)
 def unbind(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(node.args[1] if len(node.args) > 1 else 0, len(src))
+    dim = _dim(op_arg(node, "dim", 0), len(src))
     ctx.freeze(src[dim], f"unbind at {ctx.where()}")
     kept = [a for j, a in enumerate(src) if j != dim]
     return [[ctx.same(a, node, j) for j, a in enumerate(kept)] for _ in range(src[dim].size)]
+
+
+@register(aten.stack)
+def stack(ctx: RuleContext, node: fx.Node):
+    # unsqueeze every input at ``dim`` and concatenate: inputs are coupled dim by dim, the new
+    # axis indexes the inputs (fresh, like the size-1 axes unsqueeze makes)
+    parts = [ctx.tensor_axes(t) for t in node.args[0]]
+    shape = shape_of(node)
+    if shape is None or not parts or any(p is None or len(p) != len(shape) - 1 for p in parts):
+        return NotImplemented
+    dim = _dim(op_arg(node, "dim", 0), len(shape))
+    out = []
+    for j, axis in enumerate(parts[0]):
+        for p in parts[1:]:
+            ctx.couple(axis, p[j], "stack")
+        out.append(ctx.same(axis, node, j if j < dim else j + 1))
+    out.insert(dim, ctx.fresh(node, dim, len(parts)))
+    return out
+
+
+@register(aten.index_select)
+def index_select(ctx: RuleContext, node: fx.Node):
+    # rows picked by data: like select/embedding, the indexed axis is frozen, the others pass
+    src = ctx.tensor_axes(node.args[0])
+    shape = shape_of(node)
+    if src is None or shape is None:
+        return NotImplemented
+    dim = _dim(op_arg(node, "dim"), len(src))
+    ctx.freeze(src[dim], f"index_select at {ctx.where()}")
+    return [ctx.fresh(node, j, shape[j]) if j == dim else ctx.same(a, node, j) for j, a in enumerate(src)]
+
+
+@register(aten.index.Tensor)
+def index(ctx: RuleContext, node: fx.Node):
+    """Advanced indexing ``x[..., idx, ...]``: indexed axes are frozen, the other axes pass through.
+
+    The broadcast index dims go where numpy puts them: in place of the indexed dims when
+    those are adjacent, first otherwise. Boolean masks (data-dependent shapes) are not handled.
+    """
+    src = ctx.tensor_axes(node.args[0])
+    shape = shape_of(node)
+    indices = list(op_arg(node, "indices"))
+    if src is None or shape is None:
+        return NotImplemented
+    where = [d for d, ix in enumerate(indices) if ix is not None]
+    idx_axes = []
+    for d in where:
+        val = indices[d].meta.get("val") if isinstance(indices[d], fx.Node) else None
+        axes = ctx.tensor_axes(indices[d])
+        if axes is None or val is None or val.dtype in (torch.bool, torch.uint8):
+            return NotImplemented
+        idx_axes.append(axes)
+    if not where:
+        return [ctx.same(a, node, j) for j, a in enumerate(src)]
+    nb = max(len(a) for a in idx_axes)
+    rest = [(d, a) for d, a in enumerate(src) if d not in where]
+    adjacent = where == list(range(where[0], where[-1] + 1))
+    pos = where[0] if adjacent else 0
+    if len(rest) + nb != len(shape):
+        return NotImplemented
+    for d in where:
+        ctx.freeze(src[d], f"index at {ctx.where()}")
+    out: list[Axis] = []
+    for j in range(len(shape)):
+        if pos <= j < pos + nb:  # a broadcast index dim: index tensors aligned from the right
+            aligned = [a[len(a) - nb + (j - pos)] for a in idx_axes if len(a) - nb + (j - pos) >= 0]
+            aligned = [a for a in aligned if a.size == shape[j]]
+            for other in aligned[1:]:
+                ctx.couple(aligned[0], other, "index broadcast")
+            out.append(ctx.same(aligned[0], node, j) if aligned else ctx.fresh(node, j, shape[j]))
+        else:
+            _, axis = rest[j if j < pos else j - nb]
+            out.append(ctx.same(axis, node, j))
+    return out
 
 
 @register(operator.getitem)
