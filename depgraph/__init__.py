@@ -11,11 +11,16 @@ from .cut import PruneReport, count_parameters, prune, validate_plan, zero_mask
 from .errors import DepGraphError, PruneError, TraceError, UnsupportedModelError
 from .graph import DependencyGraph, trace
 from .groups import Group, GroupKind, Member
+from .importance import criterion, member_scores, score
+from .pruner import Pruner, TargetReport, simulate_params
 from .sparsity import check_n_m, make_permanent, sensitivity, sparsify, storage_report
 
 __version__ = "0.1.0"
 
+from . import importance, pruner  # noqa: E402  (submodules as namespaces)
+
 __all__ = [
+    "Pruner", "TargetReport", "criterion", "importance", "member_scores", "pruner", "score", "simulate_params",
     "DepGraphError", "DependencyGraph", "Group", "GroupKind", "Member", "PruneError", "PruneReport",
     "TraceError", "UnsupportedModelError", "check_n_m", "count_parameters", "load_pretrained",
     "make_permanent", "prune", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",

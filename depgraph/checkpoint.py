@@ -24,6 +24,7 @@ from .errors import DepGraphError
 STATE_FILE = "depgraph.json"
 WEIGHTS_FILE = "model.safetensors"
 BUFFERS_FILE = "depgraph_buffers.safetensors"
+BASE_CONFIG_ATTR = "_depgraph_base_config"  # the config before the first cut (set by depgraph.prune)
 _SIMPLE = (int, float, bool, str)
 
 
@@ -38,16 +39,16 @@ def _fresh(cls, config, device="meta") -> nn.Module:
         return cls(config)
 
 
-def model_diff(model: nn.Module) -> dict:
-    """What a fresh ``type(model)(model.config)`` would get wrong about ``model``."""
-    config = model.config
+def model_diff(model: nn.Module, config=None) -> dict:
+    """What a fresh ``type(model)(config)`` (default: ``model.config``) gets wrong about ``model``."""
+    config = config if config is not None else model.config
     ref = _fresh(type(model), config)
     ref_modules = dict(ref.named_modules())
     ref_state = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     shapes = {k: list(v.shape) for k, v in model.state_dict().items() if ref_state.get(k) != tuple(v.shape)}
     attrs: dict[str, dict] = {}
     configs: dict[str, dict] = {}
-    base = config.to_dict()
+    base = model.config.to_dict()
     for path, module in model.named_modules():
         other = ref_modules.get(path)
         if other is None:
@@ -58,10 +59,18 @@ def model_diff(model: nn.Module) -> dict:
             if getattr(other, key, object()) != value:
                 attrs.setdefault(path, {})[key] = list(value) if isinstance(value, tuple) else value
         local = getattr(module, "config", None)
-        if local is not None and local is not config and hasattr(local, "to_dict"):
-            diff = {k: v for k, v in local.to_dict().items() if base.get(k) != v}
-            configs[path] = diff
+        if local is not None and local is not model.config and hasattr(local, "to_dict"):
+            configs[path] = {k: v for k, v in local.to_dict().items() if base.get(k) != v}
     return {"shapes": shapes, "attrs": attrs, "configs": configs}
+
+
+def _hf_compatible(model: nn.Module) -> bool:
+    """Can ``from_pretrained`` rebuild this model from its (pruned) config alone?"""
+    try:
+        diff = model_diff(model)
+    except Exception:  # e.g. the config class rejects hidden_size % heads != 0
+        return False
+    return not (diff["shapes"] or diff["attrs"] or diff["configs"])
 
 
 def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -82,11 +91,12 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs) -> dict:
                             "state_dict with torch.save/safetensors instead")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = model_diff(model)
-    state.update(
-        format=1, cls=type(model).__name__, module=type(model).__module__,
-        hf_compatible=not (state["shapes"] or state["attrs"] or state["configs"]),
-    )
+    compatible = _hf_compatible(model)
+    # per-layer sizes are described relative to the original config, which always builds
+    base = getattr(model, BASE_CONFIG_ATTR, None) or model.config
+    state = {"shapes": {}, "attrs": {}, "configs": {}} if compatible else model_diff(model, base)
+    state.update(format=1, cls=type(model).__name__, module=type(model).__module__, hf_compatible=compatible,
+                 base_config=None if compatible else base.to_dict())
     if state["hf_compatible"]:
         model.save_pretrained(path, safe_serialization=True, **kwargs)
     else:
@@ -113,8 +123,15 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     if state["hf_compatible"]:
         model = cls.from_pretrained(path)
     else:
-        config = AutoConfig.from_pretrained(path)
-        model = cls(config)  # a real build: buffers are computed, then overwritten below
+        pruned = json.loads((path / "config.json").read_text())
+        base = AutoConfig.for_model(**{k: v for k, v in state["base_config"].items() if k != "model_type"},
+                                    model_type=state["base_config"]["model_type"])
+        model = cls(base)  # a real build: buffers are computed, then overwritten below
+        setattr(model, BASE_CONFIG_ATTR, copy.deepcopy(base))
+        config = model.config
+        for key, value in pruned.items():  # plain attributes: no re-validation of per-layer sizes
+            if key not in ("transformers_version", "architectures", "model_type") and not key.startswith("_"):
+                setattr(config, key, value)
         modules = dict(model.named_modules())
         for mpath, diff in state["configs"].items():
             local = copy.copy(config)  # no re-validation: per-layer sizes may break the class's checks
@@ -124,8 +141,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         for mpath, attrs in state["attrs"].items():
             for key, value in attrs.items():
                 setattr(modules[mpath], key, tuple(value) if isinstance(value, list) else value)
-        tensors = dict(model.named_parameters())
-        tensors.update(dict(model.named_buffers()))
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(dict(model.named_buffers(remove_duplicate=False)))
         for name, shape in state["shapes"].items():
             tensors[name].data = torch.empty(shape, dtype=tensors[name].dtype)
         missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)

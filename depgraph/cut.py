@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import BASE_CONFIG_ATTR
 from .errors import PruneError
 from .groups import Group, GroupKind
 from .layers import (
@@ -207,6 +208,10 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
     edits = _module_edits(model, new_shapes)
     config_edits = _group_edits(graph, checked)
     transaction = _Transaction()
+    config = _config_of(model)
+    if config is not None and hasattr(config, "to_dict") and not hasattr(model, BASE_CONFIG_ATTR):
+        # remember the unpruned config: checkpoints describe per-layer sizes relative to it
+        transaction.set_attr(model, BASE_CONFIG_ATTR, copy.deepcopy(config))
     try:
         for param, data in staged.items():
             transaction.set_data(tensors[param], data)

@@ -1,5 +1,6 @@
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -10,3 +11,6 @@ settings.register_profile(
     "thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# Two threads on a shared 2-core machine make tiny matmuls ~100x slower (thread contention).
+torch.set_num_threads(1)

@@ -10,6 +10,7 @@ mode, with 2 layers and a hidden size of 32-64 so that one trace takes well unde
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +41,8 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
         max_position_embeddings=64, word_embed_proj_dim=64, pad_token_id=1)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128, pad_token_id=0)),
+        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)),
     "bert": ("BertConfig", "BertForMaskedLM", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000,
         max_position_embeddings=64, type_vocab_size=2)),
@@ -89,6 +91,43 @@ def tiny_model(family: str, seed: int = 0, device: str | torch.device | None = N
     else:
         model = model_cls(config)
     return model.eval()
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The structural sizes of a config, spelled the same for every family."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def attention_units(self) -> int:
+        """Expected Type-B group size: one unit per KV head with its query heads (GQA/MHA);
+        under multi-query attention (one shared KV head) each query head is a unit."""
+        return self.kv_heads if self.kv_heads > 1 else self.heads
+
+
+def dims(config) -> Dims:
+    """Hidden / MLP / head sizes of ``config`` (any family in :data:`FAMILIES`)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv = getattr(config, "num_key_value_heads", None)
+    if getattr(config, "model_type", "") == "falcon":
+        kv = config.num_kv_heads if config.new_decoder_architecture else (1 if config.multi_query else heads)
+    kv = int(kv or heads)
+    inter = next((getattr(config, name) for name in ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+                  if getattr(config, name, None)), 4 * hidden)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    return Dims(hidden, int(inter), int(config.num_hidden_layers), heads, kv, head_dim)
 
 
 def text_config(model: nn.Module):

@@ -20,7 +20,7 @@ import numpy as np
 import pydot
 
 from .collapse import Collapse, find_runs
-from .flow import Flow, Unit, module_flow, parent
+from .flow import Unit, module_flow, parent
 from .style import (
     CUT_TINT,
     FROZEN_COLOR,
@@ -57,6 +57,7 @@ def _new_dot(title: str) -> pydot.Dot:
     dot.set("rankdir", "TB")
     dot.set("newrank", "true")
     dot.set("compound", "true")
+    dot.set("ordering", "out")  # keep q, k, v (and gate, up) in execution order
     dot.set("nodesep", "0.25")
     dot.set("ranksep", "0.35")
     dot.set("fontname", FONT)
@@ -77,7 +78,7 @@ def _title(graph, extra: str = "") -> str:
 
 # ---- shared bookkeeping ------------------------------------------------------------------------
 class _Index:
-    """Per-graph lookups: (param, dim) -> [(group, member)], conservative params, module types."""
+    """Per-graph lookups: (param, dim) -> [(group, member)], conservatively frozen dims, module types."""
 
     def __init__(self, graph):
         self.graph = graph
@@ -87,8 +88,6 @@ class _Index:
                 self.dims[(m.param, m.dim)].append((g, m))
         self.conservative: set[tuple[str, int]] = {
             key for key, reason in graph.frozen.items() if str(reason).startswith("unknown op")}
-        warned = " ".join(getattr(graph, "warnings", []))
-        self.warned = {p for p in graph.param_shapes if p in warned}
         model = getattr(graph, "model", None)
         self.types: dict[str, str] = {}
         if model is not None:
@@ -100,6 +99,14 @@ def _span(values: Sequence[int]) -> str:
     return str(lo) if lo == hi else f"{lo}\u2013{hi}"
 
 
+def _runs(graph, scope: str | None, collapse: bool) -> Collapse:
+    """Repeated blocks to fold, keeping only runs inside ``scope`` (a scoped block is drawn as itself)."""
+    if not collapse:
+        return Collapse([])
+    runs = find_runs(graph).runs
+    return Collapse([r for r in runs if _under(r.prefix, scope)])
+
+
 # ---- module view -------------------------------------------------------------------------------
 def module_view(graph, *, scope: str | None = None, collapse: bool = True, overlay: Overlay | None = None,
                 title: str | None = None) -> pydot.Dot:
@@ -107,7 +114,7 @@ def module_view(graph, *, scope: str | None = None, collapse: bool = True, overl
     overlay = overlay or resolve(graph)
     index = _Index(graph)
     flow = module_flow(graph)
-    runs = find_runs(graph) if collapse else Collapse([])
+    runs = _runs(graph, scope, collapse)
 
     def canon(uid: str) -> str:
         module, sep, rest = uid.partition("/")
@@ -142,11 +149,13 @@ def module_view(graph, *, scope: str | None = None, collapse: bool = True, overl
                               height="0.3", margin="0.04,0.02")
         else:
             node = _module_node(node_id, drawn, rep, units, runs, index, overlay)
-        clusters.add(rep.module if rep.kind == "activation" else parent(drawn), node)
+        clusters.add(runs.canonical(rep.module) if rep.kind == "activation" else parent(drawn), node,
+                     own=None if rep.kind == "activation" else drawn)
 
-    _unknown_notes(graph, clusters, runs, scope, index, instances, canon)
+    _unknown_notes(graph, clusters, runs, scope, index, instances)
 
     drawn_edges: set[tuple[str, str, str]] = set()
+    into_next: set[tuple[str, str]] = set()  # one dashed arrow per unit that feeds the next block
     for (src, dst), kinds in flow.edges.items():
         if src not in in_scope or dst not in in_scope:
             continue
@@ -154,12 +163,13 @@ def module_view(graph, *, scope: str | None = None, collapse: bool = True, overl
         repeat = _crosses_blocks(runs, in_scope[src], in_scope[dst], unit_path)
         for kind in sorted(kinds):
             key = (a, b, kind + ("r" if repeat else ""))
-            if key in drawn_edges or (a == b and not repeat):
+            if key in drawn_edges or (a == b and not repeat) or (repeat and (a, kind) in into_next):
                 continue
             drawn_edges.add(key)
             attrs = dict(color=KIND_COLOR[kind], penwidth="1.8",
                          tooltip=f"{KIND_TEXT.get(kind, 'channels')}: {src} \u2192 {dst}")
             if repeat:
+                into_next.add((a, kind))
                 run = runs.locate(unit_path(in_scope[src]))[0]
                 attrs.update(style="dashed", constraint="false", label=f"next block (\u00d7{run.count})",
                              fontcolor=KIND_COLOR[kind])
@@ -212,8 +222,7 @@ def _dim_cell(names: list[str], d: int, index: _Index, overlay: Overlay) -> tupl
     sizes = [graph.param_shapes[p][d] for p in names]
     kinds = sorted({g.kind.value for p in names for g, _ in index.dims.get((p, d), [])})
     frozen = [graph.frozen[(p, d)] for p in names if (p, d) in graph.frozen]
-    warn = any((p, d) in index.conservative for p in names) or (
-        not kinds and any(p in index.warned for p in names))
+    warn = any((p, d) in index.conservative for p in names)
     text = _span(sizes)
     if overlay.has_plan and kinds:
         after = []
@@ -223,12 +232,22 @@ def _dim_cell(names: list[str], d: int, index: _Index, overlay: Overlay) -> tupl
         if after != sizes:
             text = f"{text}\u2192{_span(after)}"
     fill = KIND_TINT[kinds[0]] if len(kinds) == 1 else (FROZEN_TINT if not kinds else "#ffffff")
-    heats = [overlay.group_heat[g.name] for p in names for g, _ in index.dims.get((p, d), [])
-             if g.name in overlay.group_heat]
-    if heats:
-        fill = heat_color(float(np.mean(heats)))
+    # one heat per block the node stands for (the mean over the groups that own this dim there)
+    per_block = []
+    for p in names:
+        hs = [overlay.group_heat[g.name] for g, _ in index.dims.get((p, d), []) if g.name in overlay.group_heat]
+        if hs:
+            per_block.append(float(np.mean(hs)))
+    heats = per_block
+    strip: tuple[int, str] | None = None
+    if len(per_block) > 1:
+        # a repeated block: a strip of one swatch per block shows which layers score high
+        strip = _heat_strip(per_block)
+    elif heats:
+        fill = heat_color(heats[0])
     fc = text_color(fill)
-    badge = "".join(f'<FONT COLOR="{KIND_COLOR[k] if not heats else fc}"><B>{k}</B></FONT>' for k in kinds)
+    badge = "".join(f'<FONT COLOR="{fc if heats and not strip else KIND_COLOR[k]}"><B>{k}</B></FONT>'
+                    for k in kinds)
     tip = ", ".join(sorted({g.name for p in names for g, _ in index.dims.get((p, d), [])}))
     if warn:
         fill, badge = WARN_TINT, badge + f'<FONT COLOR="{WARN_COLOR}"><B>!</B></FONT>'
@@ -238,12 +257,22 @@ def _dim_cell(names: list[str], d: int, index: _Index, overlay: Overlay) -> tupl
         tip = f"frozen: {frozen[0]}"
     elif frozen:
         tip += f"; partly frozen: {frozen[0]}"
-    cell = (f'<TD BGCOLOR="{fill}" TOOLTIP="{esc(tip or "dim " + str(d))}">'
-            f'<FONT COLOR="{fc}">{esc(text)}</FONT> {badge}</TD>')
+    content = f'<FONT COLOR="{fc}">{esc(text)}</FONT> {badge}'
+    if strip:  # a cell holds text or one table: put both in a table
+        content = (f'<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="0" CELLPADDING="0">'
+                   f'<TR><TD COLSPAN="{strip[0]}">{content}</TD></TR><TR>{strip[1]}</TR></TABLE>')
+    cell = f'<TD BGCOLOR="{fill}" TOOLTIP="{esc(tip or "dim " + str(d))}">{content}</TD>'
     return cell, warn
 
 
-def _unknown_notes(graph, clusters: _ClusterTree, runs: Collapse, scope, index: _Index, instances, canon) -> None:
+def _heat_strip(values: list[float], max_swatches: int = 32) -> tuple[int, str]:
+    """Swatch cells, one per block (averaged into ``max_swatches`` bins for deep models): (count, cells)."""
+    bins = np.array_split(np.asarray(values, dtype=np.float64), min(len(values), max_swatches))
+    cells = "".join(f'<TD BGCOLOR="{heat_color(float(b.mean()))}" WIDTH="6" HEIGHT="6"></TD>' for b in bins)
+    return len(bins), cells
+
+
+def _unknown_notes(graph, clusters: _ClusterTree, runs: Collapse, scope, index: _Index, instances) -> None:
     """A red note per module that ran ops no rule covers (counted in drawn blocks only)."""
     per_module: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for op, where in getattr(graph, "unknown_ops", []):
@@ -282,11 +311,21 @@ class _ClusterTree:
         self.dot = dot
         self.runs = runs
         self.nodes: dict[str, list[pydot.Node]] = defaultdict(list)
+        self.own: list[tuple[str, str, pydot.Node]] = []
 
-    def add(self, module: str, node: pydot.Node) -> None:
+    def add(self, module: str, node: pydot.Node, own: str | None = None) -> None:
+        """Put ``node`` in ``module``'s cluster (or in the cluster of ``own`` if that one has children)."""
         self.nodes[module].append(node)
+        if own:
+            self.own.append((module, own, node))
 
     def finish(self) -> None:
+        # a module with parameters *and* sub-modules (cls.predictions) sits inside its own cluster
+        prefixes = {".".join(m.split(".")[:k]) for m in self.nodes if m for k in range(1, m.count(".") + 2)}
+        for module, own, node in self.own:
+            if own in prefixes:
+                self.nodes[module].remove(node)
+                self.nodes[own].append(node)
         paths = set()
         for module in self.nodes:
             parts = module.split(".") if module else []
@@ -349,6 +388,9 @@ def _legend(dot: pydot.Dot, overlay: Overlay, repeated: bool, view: str = "modul
         scale = "".join(f'<TD BGCOLOR="{c}" WIDTH="8"> </TD>' for c in HEAT)
         rows.append(f'<TR><TD><TABLE BORDER="0" CELLSPACING="0" CELLPADDING="1"><TR>{scale}</TR></TABLE></TD>'
                     '<TD ALIGN="LEFT">score low &#8594; high (units: in group; groups: mean, per kind)</TD></TR>')
+        if repeated and view == "module":
+            rows.append('<TR><TD>64 <B>A</B><BR/>&#9632;&#9632;&#9632;&#9632;</TD>'
+                        '<TD ALIGN="LEFT">one swatch per repeated block (layer 0 on the left)</TD></TR>')
     legend = pydot.Cluster("legend", label="<<B>legend</B>>", fontname=FONT, fontsize="10", style="rounded",
                            color="#bdbdbd", labeljust="l")
     legend.add_node(pydot.Node("legend_table", shape="plain", fontsize="9",
@@ -373,7 +415,7 @@ def group_view(graph, groups: Iterable | None = None, *, scope: str | None = Non
                max_groups: int = 60, title: str | None = None) -> pydot.Dot:
     """One table per group: the index ranges of every parameter dim each unit owns."""
     overlay = overlay or resolve(graph)
-    runs = find_runs(graph) if collapse else Collapse([])
+    runs = _runs(graph, scope, collapse)
     explicit = groups is not None
     if explicit:
         chosen = list(groups)
@@ -411,7 +453,7 @@ def group_view(graph, groups: Iterable | None = None, *, scope: str | None = Non
     if dropped:
         dot.add_node(pydot.Node("g_more", label=f"\u2026 {dropped} more groups", shape="plaintext"))
 
-    # a parameter links the group it reads (in/scale) to the group it writes (out)
+    # a weight links the group it reads (its "in"/"embed" dim) to the group it writes ("out")
     links: dict[tuple[str, str], list[str]] = defaultdict(list)
     dims_of: dict[str, list] = defaultdict(list)
     for g in chosen:
@@ -428,7 +470,7 @@ def group_view(graph, groups: Iterable | None = None, *, scope: str | None = Non
     for (a, b), names in links.items():
         kind = next(g.kind.value for g in chosen if g.name == b)
         text = ", ".join(names[:4]) + (", \u2026" if len(names) > 4 else "")
-        dot.add_edge(pydot.Edge(ids[a], ids[b], color=KIND_COLOR[kind], penwidth="1.6", label=esc(text),
+        dot.add_edge(pydot.Edge(ids[a], ids[b], color=KIND_COLOR[kind], penwidth="1.6", label=text,
                                 fontcolor="#555555", tooltip=f"weights that read {a} and write {b}"))
     _legend(dot, overlay, False, view="neuron")
     return dot
@@ -481,7 +523,7 @@ def _group_table(graph, g, scope, runs: Collapse, overlay: Overlay, max_units: i
     for m in members:
         shape = graph.param_shapes.get(m.param, ())
         frozen = (m.param, m.dim) in graph.frozen
-        cells = [f'<TD ALIGN="LEFT">{esc(_rel(m.param, scope))}</TD>',
+        cells = [f'<TD ALIGN="LEFT">{esc(_rel(m.param, scope or g.name.split("#", 1)[0]))}</TD>',
                  f"<TD>{esc(_dim_name(shape, m.dim))}</TD>",
                  f"<TD>{esc(m.role)}</TD>", f"<TD>{m.per_unit}</TD>"]
         for u in shown_units:
@@ -522,4 +564,4 @@ def build(graph, *, scope: str | None = None, level: str = "module", groups: Ite
     return module_view(graph, scope=scope, collapse=collapse, overlay=overlay, title=title)
 
 
-__all__ = ["Flow", "build", "group_view", "module_view"]
+__all__ = ["build", "group_view", "module_view"]

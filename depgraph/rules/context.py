@@ -74,6 +74,7 @@ class RuleContext:
     param_views: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
     unknown: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
     axis_edges: list[tuple[str, str, str]] = field(default_factory=list)
+    merged: dict[tuple[int, int, int], tuple[np.ndarray, list[Axis]]] = field(default_factory=dict)
     current: fx.Node | None = None
     order: int = 0
 
@@ -115,6 +116,20 @@ class RuleContext:
         if size != whole.size:
             raise ValueError(f"reshape factors {[f.size for f in factors]} do not multiply to {whole.size}")
         self.relations.append(Relation(whole.ids, [f.ids for f in factors], self.where()))
+
+    def remember_merge(self, whole: Axis, factors: list[Axis]) -> None:
+        """``whole`` was made by merging ``factors`` (a reshape), so splitting it back can reuse them."""
+        if whole.size:
+            self.merged[(int(whole.ids[0]), int(whole.ids[-1]), whole.size)] = (whole.ids, list(factors))
+
+    def merged_factors(self, whole: Axis, sizes: list[int]) -> list[Axis] | None:
+        """The axes ``whole`` was merged from, when they have exactly these ``sizes``."""
+        if not whole.size:
+            return None
+        hit = self.merged.get((int(whole.ids[0]), int(whole.ids[-1]), whole.size))
+        if hit is None or [f.size for f in hit[1]] != list(sizes) or not np.array_equal(hit[0], whole.ids):
+            return None
+        return hit[1]
 
     def freeze(self, ids: Axis | np.ndarray, reason: str) -> None:
         """These neurons are never cut (conservative)."""

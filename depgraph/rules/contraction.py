@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .context import Axis, RuleContext, shape_of
+from .context import Axis, RuleContext, op_arg, shape_of
 from .pointwise import broadcast
 from .registry import register
 
@@ -88,6 +88,9 @@ def matmul(ctx: RuleContext, node: fx.Node):
         for axis in batch:
             if axis.size > 1:
                 ctx.mark_heads(axis)
+        if batch:  # attention-like: q @ k^T contracts head_dim, probs @ v outputs it
+            ctx.freeze(aa[-1], f"head_dim at {ctx.where()}")
+            ctx.freeze(ba[-1], f"head_dim at {ctx.where()}")
     for p_node, p_axes in ((a_node, aa), (b_node, ba)):
         if ctx.is_param(p_node):
             last = len(p_axes) - 1
@@ -114,7 +117,7 @@ def embedding(ctx: RuleContext, node: fx.Node):
 @register(aten.scaled_dot_product_attention)
 def sdpa(ctx: RuleContext, node: fx.Node):
     qa, ka, va = (ctx.tensor_axes(a) for a in node.args[:3])
-    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    mask = op_arg(node, "attn_mask")
     if qa is None or ka is None or va is None:
         return NotImplemented
     out = []
@@ -132,6 +135,9 @@ def sdpa(ctx: RuleContext, node: fx.Node):
                 if axis.size > 1:
                     ctx.mark_heads(axis)
         out.append(ctx.same(q, node, j))
+    # head_dim is hard-coded in the modules' head reshapes: it is never a unit
+    for axis in (qa[-1], ka[-1], va[-1]):
+        ctx.freeze(axis, f"head_dim at {ctx.where()}")
     ctx.couple(qa[-1], ka[-1], "attention q.k contraction")
     ctx.couple(ka[-2], va[-2], "attention key positions")
     out.append(ctx.same(qa[-2], node, nb))
@@ -212,4 +218,10 @@ def einsum(ctx: RuleContext, node: fx.Node):
         out.append(ctx.same(found[0], node, j))
         if letter in batch and out[-1].size > 1:
             ctx.mark_heads(out[-1])
+    if any(by_letter[c][0].size > 1 for c in batch):
+        # attention-like (as for matmul): the per-head letters are head_dim or positions, never units
+        for letter, found in by_letter.items():
+            if letter not in batch:
+                for axis in found:
+                    ctx.freeze(axis, f"head_dim at {ctx.where()}")
     return out

@@ -66,10 +66,12 @@ def broadcast(ctx: RuleContext, node: fx.Node, inputs: list[list[Axis]], out_sha
         if not aligned:
             out.append(ctx.fresh(node, d, size))
             continue
-        first = aligned[0]
+        out.append(ctx.same(aligned[0], node, d))
         for other in aligned[1:]:
-            ctx.couple(first, other, f"{node.target} (elementwise)")
-        out.append(ctx.same(first, node, d))
+            # the operands are one set of neurons; in the channel graph each flows into the result
+            # (an edge between the operands would point from a norm weight into the activation)
+            ctx.couple(aligned[0].ids, other.ids, f"{node.target} (elementwise)")
+            ctx.axis_edges.append((other.key, out[-1].key, ctx.op_name()))
     return out
 
 

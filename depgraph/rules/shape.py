@@ -52,6 +52,14 @@ def reshape_axes(ctx: RuleContext, node: fx.Node, src: list[Axis], out_shape) ->
         if len(gi) == 1 and len(gk) == 1:
             out[gk[0][0]] = ctx.same(gi[0], node, gk[0][0])
             continue
+        if len(gi) == 1:
+            # splitting back an axis an earlier reshape merged ([B, H] -> [B*H] -> [B, H]) gives
+            # back the very same factors: the heads after the round trip are the heads before it
+            again = ctx.merged_factors(gi[0], [s for _, s in gk])
+            if again is not None:
+                for (j, _), axis in zip(gk, again):
+                    out[j] = ctx.same(axis, node, j)
+                continue
         fresh = [ctx.fresh(node, j, s) for j, s in gk]
         for (j, _), axis in zip(gk, fresh):
             out[j] = axis
@@ -59,6 +67,7 @@ def reshape_axes(ctx: RuleContext, node: fx.Node, src: list[Axis], out_shape) ->
             ctx.product(gi[0], fresh)
         elif len(gk) == 1:
             ctx.product(fresh[0], gi)
+            ctx.remember_merge(fresh[0], gi)
         else:  # a general regroup goes through one flat axis
             flat = Axis(axis_key(node.name, -1 - chunk), ctx.new_ids(pi))
             ctx.product(flat, gi)
@@ -207,9 +216,10 @@ def cat(ctx: RuleContext, node: fx.Node):
             for p in parts:
                 ctx.axis_edges.append((p[j].key, out[-1].key, "cat"))
         else:
-            for p in parts[1:]:
-                ctx.couple(parts[0][j], p[j], "cat")
             out.append(ctx.same(parts[0][j], node, j))
+            for p in parts[1:]:
+                ctx.couple(parts[0][j].ids, p[j].ids, "cat")
+                ctx.axis_edges.append((p[j].key, out[-1].key, "cat"))
     return out
 
 
@@ -290,9 +300,10 @@ def stack(ctx: RuleContext, node: fx.Node):
     dim = _dim(op_arg(node, "dim", 0), len(shape))
     out = []
     for j, axis in enumerate(parts[0]):
-        for p in parts[1:]:
-            ctx.couple(axis, p[j], "stack")
         out.append(ctx.same(axis, node, j if j < dim else j + 1))
+        for p in parts[1:]:
+            ctx.couple(axis.ids, p[j].ids, "stack")
+            ctx.axis_edges.append((p[j].key, out[-1].key, "stack"))
     out.insert(dim, ctx.fresh(node, dim, len(parts)))
     return out
 
