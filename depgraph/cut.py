@@ -193,6 +193,18 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
         new[dim] = int(keep.sum())
         new_shapes[param] = tuple(new)
 
+    for param, shape in new_shapes.items():
+        # fused expert weights [experts, a, b] go through grouped matmuls that need 16-byte strides
+        if len(shape) == 3 and param in tensors:
+            item = tensors[param].element_size()
+            bad = [d for d in (1, 2) if shape[d] * item % 16]
+            if bad:
+                owner = next(g for g in checked if any(m.param == param for m in g.members))
+                raise PruneError(f"group {owner.name}: fused expert weight {param} would get shape {shape}; "
+                                 f"grouped matmuls need dims 1-2 to be multiples of {16 // item} elements "
+                                 f"({tensors[param].dtype}). Cut a multiple of {16 // item} units (Pruner "
+                                 f"round_to={16 // item}). The model is unchanged.")
+
     # 2. stage new tensors (nothing is modified yet)
     staged: dict[str, torch.Tensor] = {}
     with torch.no_grad():

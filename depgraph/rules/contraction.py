@@ -130,6 +130,7 @@ def sdpa(ctx: RuleContext, node: fx.Node):
             elif kv.size > 1 and q.size % kv.size == 0:
                 # grouped-query attention (enable_gqa): query head i reads kv head i // groups
                 ctx.couple(q.ids, np.repeat(kv.ids, q.size // kv.size), "grouped-query heads")
+                ctx.axis_edges.append((kv.key, q.key, "grouped-query heads"))
         if j == nb - 1 or nb == 1:
             for axis in (q, k, v):
                 if axis.size > 1:
@@ -225,3 +226,24 @@ def einsum(ctx: RuleContext, node: fx.Node):
                 for axis in found:
                     ctx.freeze(axis, f"head_dim at {ctx.where()}")
     return out
+
+
+def grouped_mm(ctx: RuleContext, node: fx.Node):
+    """Mixture-of-experts grouped matmul: rows sorted by expert, ``weight`` is [experts, in, out].
+
+    An intermediate neuron index is shared by every expert's slice of the weight, so a unit is
+    "neuron j of every expert" (the 3-D layout stays rectangular). The expert axis is frozen here:
+    whole experts are removed by expert pruning, together with the router rows.
+    """
+    x, w = node.args[0], node.args[1]
+    xa, wa = ctx.tensor_axes(x), ctx.tensor_axes(w)
+    if xa is None or wa is None or len(wa) != 3 or len(xa) != 2:
+        return NotImplemented
+    ctx.couple(xa[-1], wa[1], "expert input")
+    ctx.freeze(wa[0], f"experts at {ctx.where()}")
+    ctx.use(w, 1, "in")
+    ctx.use(w, 2, "out")
+    return [ctx.same(xa[0], node, 0), ctx.same(wa[2], node, 1)]
+
+
+register("aten._grouped_mm", "transformers.grouped_mm_fallback")(grouped_mm)

@@ -4,7 +4,8 @@ A rule is ``rule(ctx, node) -> axes``: it receives the :class:`RuleContext` and 
 reads its inputs' axes with ``ctx.tensor_axes(arg)`` and returns the output axes (a list,
 one :class:`Axis` per dimension; or a list of such lists for ops returning several tensors).
 
-Lookup order: exact overload (``aten.add.Tensor``), then overload packet (``aten.add``),
+Lookup order: exact overload (``aten.add.Tensor``), then overload packet (``aten.add``), then the
+packet's name (for custom ops registered after import, e.g. ``"transformers.grouped_mm_fallback"``),
 then the ``pointwise`` tag torch puts on elementwise ops, then the conservative fallback.
 """
 
@@ -40,6 +41,10 @@ def lookup(target) -> Rule | None:
     packet = getattr(target, "overloadpacket", None)
     if packet is not None and packet in RULES:
         return RULES[packet]
+    # ops of libraries that register them lazily are keyed by name ("transformers.grouped_mm_fallback")
+    name = str(packet if packet is not None else target)
+    if name in RULES:
+        return RULES[name]
     tags = getattr(target, "tags", ())
     if torch.Tag.pointwise in tags:
         return RULES.get("pointwise")
