@@ -259,7 +259,8 @@ def test_group_from_another_graph_is_rejected():
 def test_stale_graph_is_rejected():
     model = contract_model()
     graph = depgraph.trace(model)
-    depgraph.trace(model).prune({depgraph.trace(model).groups("A")[0]: [0]})  # cut behind graph's back
+    other = depgraph.trace(model)
+    other.prune({other.groups("A")[0]: [0]})  # cut behind the first graph's back
     with pytest.raises(depgraph.PruneError, match="re-trace"):
         graph.prune({graph.groups("A")[0]: [1]})
 
@@ -308,3 +309,43 @@ def test_meta_device_model_can_be_cut():
     graph.prune({a0: list(range(10))}, verify=False)
     assert model.model.layers[0].mlp.up_proj.weight.shape == (118, 64)
     assert model.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+
+
+def tiny_mixtral() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                                        num_local_experts=4, num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def test_moe_fused_experts_group_and_cut_exactly(tmp_path):
+    """Fused 3-D experts: a unit is neuron j of every expert; the router reads the hidden channels."""
+    model = tiny_mixtral()
+    ids = torch.randint(0, 1000, (2, 8))
+    masked = copy.deepcopy(model)
+    graph = depgraph.trace(model)
+    assert [g.size for g in graph.groups("A")] == [32, 32]
+    experts = graph.groups("A")[0]
+    assert {(m.param, m.dim) for m in experts.members} == {
+        ("model.layers.0.mlp.experts.gate_up_proj", 1), ("model.layers.0.mlp.experts.down_proj", 2)}
+    assert experts.member("model.layers.0.mlp.experts.gate_up_proj").indices([3]).tolist() == [3, 35]
+    (hidden,) = graph.groups("C")
+    assert ("model.layers.0.mlp.gate.weight", 1) in {(m.param, m.dim) for m in hidden.members}
+    units = [0, 3, 5, 9]
+    mgraph = depgraph.trace(masked)
+    depgraph.zero_mask(mgraph, {mgraph.groups("A")[0]: units})
+    graph.prune({experts: units})
+    torch.testing.assert_close(logits(model, ids), logits(masked, ids), atol=1e-5, rtol=1e-4)
+    graph.prune({hidden: list(range(16))})
+    depgraph.save_pretrained(model, tmp_path)
+    torch.testing.assert_close(logits(depgraph.load_pretrained(tmp_path), ids), logits(model, ids))
+
+
+def test_moe_cut_that_breaks_grouped_matmul_strides_is_refused():
+    model = tiny_mixtral()
+    graph = depgraph.trace(model)
+    snap = snapshot(model)
+    with pytest.raises(depgraph.PruneError, match="multiple of 4"):
+        graph.prune({graph.groups("A")[0]: [1, 2, 3]})
+    assert_unchanged(model, snap)
