@@ -170,9 +170,12 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
     checked = validate_plan(graph, plan)
     tensors = _tensors(model)
     for name, shape in graph.param_shapes.items():
-        if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
+        if name not in tensors:
+            raise PruneError(f"parameter {name} no longer exists (layers removed or renamed since tracing): "
+                             "the graph is stale; re-trace the model")
+        if tuple(tensors[name].shape) != tuple(shape):
             raise PruneError(f"parameter {name} changed shape since tracing ({shape} -> "
-                             f"{tuple(tensors[name].shape) if name in tensors else 'missing'}): re-trace the model")
+                             f"{tuple(tensors[name].shape)}): the graph is stale; re-trace the model")
     before = count_parameters(model)
     if not checked:
         return PruneReport(before, before)
