@@ -18,12 +18,13 @@ import torch.fx as fx
 from torch import nn
 
 from . import groups as G
-from .errors import UnsupportedModelError
+from .errors import TraceError, UnsupportedModelError
 from .rules import Axis, RuleContext, lookup, module_path, shape_of
 from .rules.context import axis_key
 from .trace import export, normalise_inputs
 
 log = logging.getLogger("depgraph")
+MAX_FACTOR_ROUNDS = 8
 
 
 def _flat_axes(value) -> list[Axis]:
@@ -160,12 +161,23 @@ class DependencyGraph:
     # ---- analysis --------------------------------------------------------------------------
     def _build_groups(self, ctx: RuleContext, builder: DependencyBuilder) -> None:
         labels = G.components(ctx.next_id, ctx.edge_a, ctx.edge_b)
-        frozen_comp = G.frozen_components(labels, ctx.frozen)
-        new_a, new_b, freeze = G.resolve_products(ctx.relations, labels, frozen_comp)
-        if new_a:
-            labels = G.components(ctx.next_id, ctx.edge_a + new_a, ctx.edge_b + new_b)
-        frozen = ctx.frozen + freeze
+        frozen = list(ctx.frozen)
         frozen_comp = G.frozen_components(labels, frozen)
+        # Decide each reshape's unit factor, then re-check with the merged components until the
+        # decisions settle: freezes only accumulate, so this reaches a fixpoint; the cap is a guard.
+        previous = None
+        for _ in range(MAX_FACTOR_ROUNDS):
+            new_a, new_b, freeze, decisions = G.resolve_products(ctx.relations, labels, frozen_comp)
+            labels = G.components(ctx.next_id, ctx.edge_a + new_a, ctx.edge_b + new_b) if new_a else labels
+            frozen = frozen + freeze
+            frozen_comp = G.frozen_components(labels, frozen)
+            if decisions == previous:
+                break
+            previous = decisions
+        else:
+            raise UnsupportedModelError(
+                f"the head/channel factorisation of {type(self.model).__name__} did not settle after "
+                f"{MAX_FACTOR_ROUNDS} rounds (reshapes that factor the same channels inconsistently)")
         param_axes = []
         for name, axes, is_buffer in builder.param_nodes.values():
             for d, axis in enumerate(axes):
@@ -219,8 +231,9 @@ class DependencyGraph:
                        f"(never cut); affects {len(hit)} parameter(s), e.g. {', '.join(hit[:3])}. "
                        "Add a rule for it (docs/adding-rules.md) to make them prunable.")
                 msg = f"{where.split(' at ', 1)[-1]}: {msg}" if " at " in where else msg
-                self.warnings.append(msg)
-                log.warning(msg)
+                if msg not in self.warnings:  # one warning per op and module
+                    self.warnings.append(msg)
+                    log.warning(msg)
         reason_of = np.full(frozen_comp.shape[0], -1, dtype=np.int64)
         reasons = []
         for ids, reason in reversed(frozen):
@@ -330,6 +343,8 @@ def trace(model: nn.Module, example_inputs=None, **options) -> DependencyGraph:
     ``(args, kwargs)``; built from ``model.config`` (token ids) when omitted. Works on CPU
     weights and on models built on the ``meta`` device.
     """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"depgraph.trace expects a torch.nn.Module, got {type(model).__name__}")
     inputs = normalise_inputs(model, example_inputs)
     exported = export(model, inputs)
     graph = DependencyGraph(model, exported, inputs)

@@ -136,12 +136,13 @@ def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp:
     factor removes one contiguous block of the whole axis, which keeps every other factor
     intact, so the reshape stays valid after the cut.
     """
-    new_a, new_b, freeze = [], [], []
+    new_a, new_b, freeze, decisions = [], [], [], []
     for rel in relations:
         factors = [f for f in rel.factors if f.size > 1]
         if len(factors) == 1:
             new_a.append(rel.whole)
             new_b.append(factors[0])
+            decisions.append(0)
             continue
         chosen = None
         # never the innermost factor: it is the contiguous feature axis (head_dim), whose
@@ -150,6 +151,7 @@ def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp:
             if not frozen_comp[labels[f]].any():
                 chosen = k
                 break
+        decisions.append(chosen)
         if chosen is None:
             freeze.append((rel.whole, f"reshape at {rel.where}"))
             continue
@@ -161,7 +163,7 @@ def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp:
         for k, f in enumerate(factors):
             if k != chosen:
                 freeze.append((f, f"kept whole by reshape at {rel.where}"))
-    return new_a, new_b, freeze
+    return new_a, new_b, freeze, decisions
 
 
 @dataclass

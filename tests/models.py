@@ -9,7 +9,6 @@ mode, with 2 layers and a hidden size of 32-64 so that one trace takes well unde
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +142,3 @@ def example_ids(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -
     ids = torch.randint(2, max(vocab, 3), (batch, seq), generator=gen)
     return ids.to(device)
 
-
-FACTORIES: dict[str, Callable[..., nn.Module]] = {
-    family: (lambda f: (lambda **kw: tiny_model(f, **kw)))(family) for family in FAMILIES
-}

@@ -544,9 +544,6 @@ def test_wrong_example_inputs_type(bad):
         depgraph.trace(model, example_inputs=bad)
 
 
-@pytest.mark.xfail(strict=True, reason="graph.trace builds default inputs (model_device / inspect of "
-                   "model.forward) before trace.export checks isinstance(model, nn.Module): "
-                   "AttributeError/TypeError instead of TraceError; remove this marker once fixed")
 @pytest.mark.parametrize("bad", [lambda x: x, nn.Linear, "model", None])
 def test_not_a_module(bad):
     with pytest.raises(depgraph.TraceError, match="nn.Module"):

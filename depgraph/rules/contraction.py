@@ -153,14 +153,14 @@ def sdpa(ctx: RuleContext, node: fx.Node):
 
 
 def _einsum_terms(equation: str, ndims: list[int]) -> tuple[list[str], str] | None:
-    """Inputs' and output's subscripts of an einsum, with ``...`` spelled out as capitals."""
+    """Inputs' and output's subscripts of an einsum, with ``...`` spelled out as letters."""
     equation = equation.replace(" ", "")
     lhs, arrow, rhs = equation.partition("->")
     terms = lhs.split(",")
     if len(terms) != len(ndims):
         return None
     n_ell = max((nd - len(t.replace("...", "")) for t, nd in zip(terms, ndims) if "..." in t), default=0)
-    ell = "".join(chr(ord("A") + k) for k in range(n_ell))
+    ell = "".join(chr(0x3B1 + k) for k in range(n_ell))  # greek: no clash with einsum's a-z / A-Z
     spelled = []
     for t, nd in zip(terms, ndims):
         if "..." in t:
@@ -171,7 +171,7 @@ def _einsum_terms(equation: str, ndims: list[int]) -> tuple[list[str], str] | No
         spelled.append(t)
     if not arrow:  # implicit output: broadcast dims, then the letters seen once, sorted
         letters = "".join(spelled)
-        rhs = "..." + "".join(sorted(c for c in set(letters) if c.islower() and letters.count(c) == 1))
+        rhs = "..." + "".join(sorted(c for c in set(letters) if c.isascii() and letters.count(c) == 1))
     return spelled, rhs.replace("...", ell)
 
 

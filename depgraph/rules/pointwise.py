@@ -103,6 +103,7 @@ def type_as(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
     if src is None:
         return NotImplemented
+    ctx.view_of_param(node.args[0], node)  # w.to(dtype): still the parameter
     return [ctx.same(a, node, j) for j, a in enumerate(src)]
 
 

@@ -1,0 +1,795 @@
+"""The ``depgraph`` command line: inspect, prune, render, eval and demo.
+
+::
+
+    depgraph inspect MODEL [--meta] [--json] [--kind A|B|C]
+    depgraph prune   MODEL --ratio 0.2 --criterion l2 --out DIR [--strategy block|channel|all] ...
+    depgraph render  MODEL -o graph.svg [--scope model.layers.0] [--level neuron] [--report report.html]
+    depgraph eval    MODEL --ppl FILE [--context-length 128] [--max-tokens N]
+    depgraph demo    [--out out/demo]
+
+``MODEL`` is a model directory (Hugging Face or written by ``depgraph prune``), a ``config.json`` path
+(random weights, or shapes only with ``--meta``) or a built-in demo name (:mod:`depgraph.models`).
+Progress bars go to stderr (``-q`` silences them), results to stdout. Every failure prints one line,
+``depgraph: error: ...``, and exits non-zero: 2 for bad arguments (unknown path, ratio outside (0, 1),
+unknown criterion), 1 when the work itself fails; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import importance
+from .errors import DepGraphError
+from .models import (
+    DEFAULT_DEMO,
+    DEMO_MODELS,
+    ModelSpecError,
+    ResolvedSpec,
+    is_meta,
+    load_model,
+    load_tokenizer,
+    resolve,
+)
+
+PROG = "depgraph"
+KIND_NAMES = {"A": "MLP neurons", "B": "attention heads", "C": "hidden channels"}
+EXACT_TOL = 1e-4  # max |delta logit| accepted between a cut and its zero-mask reference (float32)
+
+
+class CLIError(Exception):
+    """A failure the user can fix; ``code`` is the exit status (2: bad arguments or input)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised, so :func:`main` prints them) instead of usage dumps."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CLIError(f"{message} (see '{self.prog} --help')", 2)
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+
+class Console:
+    """Results to stdout (above any progress bar), stage progress bars to stderr unless ``quiet``."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def say(self, text: str = "") -> None:
+        tqdm.write(text, file=sys.stdout)
+
+    def header(self, text: str) -> None:
+        self.say(f"\n== {text} " + "=" * max(0, 72 - len(text)))
+
+    @contextlib.contextmanager
+    def stages(self, title: str, names: Sequence[str]) -> Iterator[Callable[[str], None]]:
+        """A bar over the named stages of one command; call the yielded function as each one starts."""
+        bar = tqdm(total=len(names), desc=title, leave=False, file=sys.stderr, disable=self.quiet,
+                   bar_format="{desc} [{n_fmt}/{total_fmt} stages, {elapsed}]")
+        started = [False]
+
+        def start(name: str) -> None:
+            if started[0]:
+                bar.update(1)
+            started[0] = True
+            bar.set_description_str(f"{title}: {name}")
+
+        try:
+            yield start
+            bar.update(bar.total - bar.n)
+        finally:
+            bar.close()
+
+
+def _table(rows: list[list[Any]], header: list[str], right: set[int] | None = None) -> str:
+    """A plain fixed-width text table."""
+    right = right if right is not None else set()
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# ---- argument types ------------------------------------------------------------------------------
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1) (exclusive), got {text}")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _criterion(text: str) -> str:
+    if text not in importance.CRITERIA:
+        raise argparse.ArgumentTypeError(f"unknown criterion {text!r} (choose from {', '.join(sorted(importance.CRITERIA))})")
+    return text
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+# ---- shared helpers ------------------------------------------------------------------------------
+
+
+def _require_weights(spec: ResolvedSpec) -> None:
+    """Fail before loading when ``spec`` names a shape-only demo model."""
+    if spec.kind == "demo" and DEMO_MODELS[spec.spec].meta_only:
+        raise CLIError(f"{spec.spec} has no weights (meta device, shapes only): it can be inspected or rendered, "
+                       "not scored, cut or evaluated")
+
+
+def _load(spec: ResolvedSpec, meta: bool = False, need_weights: bool = False) -> nn.Module:
+    model = load_model(spec, meta=meta)
+    if need_weights and is_meta(model):
+        raise CLIError(f"{spec.spec} has no weights (meta device, shapes only): it can be inspected or rendered, "
+                       "not scored, cut or evaluated")
+    return model
+
+
+def _trace(model: nn.Module):
+    from .graph import trace
+
+    return trace(model)
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "vocab_size", None)
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _text_ids(text: str, tokenizer: Any, model: nn.Module) -> tuple[torch.Tensor, str]:
+    """Token ids of ``text`` for ``model``: its own tokenizer, else bytes modulo the vocabulary."""
+    from .data import ByteTokenizer, tokenize_text
+
+    if tokenizer is not None:
+        return tokenize_text(text, tokenizer), f"tokenizer {type(tokenizer).__name__}"
+    ids = tokenize_text(text, ByteTokenizer())
+    vocab = _vocab_size(model)
+    if vocab is not None and vocab < ByteTokenizer().vocab_size:
+        return ids % vocab, f"ByteTokenizer (ids mod {vocab})"
+    return ids, "ByteTokenizer"
+
+
+def _calibration(model: nn.Module, tokenizer: Any, source: Path | None, n_samples: int, seq_len: int,
+                 seed: int) -> tuple[list[torch.Tensor], str]:
+    """``n_samples`` windows of ``seq_len`` tokens: from ``source``, else WikiText-2 valid, else random ids."""
+    from .data import calibration_batches, default_text_path, read_text
+
+    vocab = _vocab_size(model)
+    limit = _max_positions(model)
+    if limit is not None and seq_len > limit:
+        seq_len = limit
+    if source is None:
+        with contextlib.suppress(FileNotFoundError):
+            source = default_text_path("valid")
+    if source is None:
+        if vocab is None:
+            raise CLIError("the model has no config.vocab_size: pass --calib FILE with text for calibration")
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (n_samples, seq_len), generator=gen)
+        return [row[None] for row in ids], f"{n_samples} random windows x {seq_len} tokens (WikiText-2 not found)"
+    ids, how = _text_ids(read_text(source), tokenizer, model)
+    try:
+        batches = calibration_batches(ids, n_samples=n_samples, seq_len=seq_len, seed=seed, vocab_size=vocab)
+    except ValueError as exc:
+        raise CLIError(f"calibration text {source}: {exc}") from exc
+    return batches, f"{n_samples} windows x {seq_len} tokens of {source} ({how})"
+
+
+def _save(model: nn.Module, path: Path) -> dict:
+    """:func:`depgraph.save_pretrained`, also when transformers rejects the pruned config.
+
+    Transformers 5 configs validate their architecture when saved (Llama: ``hidden_size`` must be a
+    multiple of ``num_attention_heads``), which a head or hidden-channel cut easily breaks, and
+    ``save_pretrained`` then fails. Such a model can only be reloaded by :func:`depgraph.load_pretrained`
+    anyway, so it is written the way ``save_pretrained`` writes non-HF-compatible models: config JSON
+    without validation, weights by parameter name, and ``depgraph.json`` relative to the unpruned config.
+    (Workaround for a core issue; drop it once ``depgraph.checkpoint`` handles invalid configs itself.)
+    """
+    from safetensors.torch import save_file, save_model
+
+    from . import checkpoint
+
+    config = getattr(model, "config", None)
+    try:
+        if config is not None and hasattr(config, "validate"):
+            config.validate()
+    except Exception:  # any validation failure: the config cannot describe this model
+        pass
+    else:
+        return checkpoint.save_pretrained(model, path)
+    path.mkdir(parents=True, exist_ok=True)
+    base = getattr(model, checkpoint.BASE_CONFIG_ATTR, None) or config
+    state = checkpoint.model_diff(model, base)
+    state.update(format=1, cls=type(model).__name__, module=type(model).__module__, hf_compatible=False,
+                 base_config=base.to_dict())
+    config.to_json_file(str(path / "config.json"))
+    save_model(model, str(path / checkpoint.WEIGHTS_FILE), metadata={"format": "pt"})
+    buffers = checkpoint._non_persistent_buffers(model)
+    if buffers:
+        save_file(buffers, str(path / checkpoint.BUFFERS_FILE))
+    (path / checkpoint.STATE_FILE).write_text(json.dumps(state, indent=1))
+    return state
+
+
+def _compact_json(value: Any) -> str:
+    """Indented JSON with lists of numbers kept on one line (unit-id lists stay readable)."""
+    text = json.dumps(value, indent=1)
+    return re.sub(r"\[[\d,\s.-]*\]", lambda m: json.dumps(json.loads(m.group(0))), text)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+# ---- inspect -------------------------------------------------------------------------------------
+
+
+def _group_record(group) -> dict[str, Any]:
+    from .pruner import layer_index
+
+    return {
+        "kind": group.kind.value, "name": group.name, "layer": layer_index(group), "size": group.size,
+        "exact": group.exact, "params_per_unit": int(group.extra.get("params_per_unit", 0)),
+        "members": [{"param": m.param, "dim": m.dim, "role": m.role, "per_unit": m.per_unit,
+                     "buffer": m.is_buffer} for m in group.members],
+    }
+
+
+def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    from .cut import count_parameters
+
+    spec = resolve(args.model)
+    with console.stages("inspect", ["load", "trace"]) as stage:
+        stage("load")
+        model = _load(spec, meta=args.meta)
+        stage("trace")
+        start = time.perf_counter()
+        graph = _trace(model)
+        took = time.perf_counter() - start
+    groups = graph.groups(args.kind)
+    if args.json:
+        out = {
+            "model": args.model, "class": type(model).__name__, "device": "meta" if is_meta(model) else "cpu",
+            "parameters": count_parameters(model), "trace_seconds": round(took, 3),
+            "groups": [_group_record(g) for g in groups],
+            "warnings": list(graph.warnings),
+            "frozen": [{"param": p, "dim": d, "reason": r} for (p, d), r in graph.frozen.items()],
+        }
+        console.say(json.dumps(out, indent=1, default=_json_default))
+        return 0
+    where = "meta device, shapes only" if is_meta(model) else "weights on cpu"
+    console.say(f"{type(model).__name__} ({args.model}): {count_parameters(model):,} parameters, {where}; "
+                f"traced in {took:.1f} s")
+    records = [_group_record(g) for g in groups]
+    rows = [[r["kind"], "-" if r["layer"] is None else r["layer"], r["name"], r["size"], len(r["members"]),
+             f"{r['params_per_unit']:,}", "yes" if r["exact"] else "no"] for r in records]
+    console.header("groups" + (f" of kind {args.kind}" if args.kind else ""))
+    console.say(_table(rows, ["kind", "layer", "group", "units", "members", "params/unit", "exact"],
+                       right={1, 3, 4, 5}))
+    console.header("per kind")
+    totals = []
+    for kind in "ABC":
+        of_kind = [r for r in records if r["kind"] == kind]
+        if of_kind:
+            units = sum(r["size"] for r in of_kind)
+            prunable = sum(r["size"] * r["params_per_unit"] for r in of_kind)
+            totals.append([kind, KIND_NAMES[kind], len(of_kind), units, f"{prunable:,}"])
+    console.say(_table(totals, ["kind", "what", "groups", "units", "params in units"], right={2, 3, 4}))
+    console.header("frozen and unknown")
+    console.say(f"frozen parameter dims (never cut): {len(graph.frozen)}")
+    for (param, dim), reason in list(graph.frozen.items())[:10]:
+        console.say(f"  {param} dim {dim}: {reason}")
+    if len(graph.frozen) > 10:
+        console.say(f"  ... and {len(graph.frozen) - 10} more (--json lists them all)")
+    console.say(f"warnings (ops without a rule, coupled conservatively): {len(graph.warnings)}")
+    for warning in graph.warnings:
+        console.say(f"  {warning}")
+    return 0
+
+
+# ---- prune ---------------------------------------------------------------------------------------
+
+
+def cmd_prune(args: argparse.Namespace, console: Console) -> int:
+    from .cut import count_parameters
+    from .pruner import Pruner
+
+    spec = resolve(args.model)
+    _require_weights(spec)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    start = time.perf_counter()
+    needs_calib = importance.CRITERIA[args.criterion].needs_calib
+    with console.stages("prune", ["load", "trace", "calibration", "score and cut", "save"]) as stage:
+        stage("load")
+        model = _load(spec, need_weights=True)
+        tokenizer = load_tokenizer(spec)
+        stage("trace")
+        graph = _trace(model)
+        stage("calibration")
+        calib, calib_about = None, None
+        if needs_calib:
+            calib, calib_about = _calibration(model, tokenizer, args.calib, args.calib_samples, args.seq_len,
+                                              args.seed)
+        stage("score and cut")
+        pruner = Pruner(graph, criterion=args.criterion, aggregate=args.aggregate, ratio=args.ratio,
+                        target=args.target, scope=args.scope, structure=args.strategy, skip_first=args.skip_first,
+                        skip_last=args.skip_last, round_to=args.round_to, steps=args.steps, calib=calib,
+                        seed=args.seed, progress=not console.quiet)
+        if not pruner.groups:
+            raise CLIError(f"no group to prune: strategy {args.strategy!r} with --skip-first {args.skip_first} "
+                           f"--skip-last {args.skip_last} selects none ({graph!r})", 1)
+        before = {id(g): g.size for g in pruner.groups}
+        alive = {id(g): list(range(g.size)) for g in pruner.groups}  # current unit id -> original unit id
+        removed: dict[int, list[int]] = {id(g): [] for g in pruner.groups}
+        for _ in range(args.steps):
+            plan = pruner.plan()
+            for group, units in plan.items():
+                gone = set(units)
+                removed[id(group)].extend(alive[id(group)][u] for u in units)
+                alive[id(group)] = [o for u, o in enumerate(alive[id(group)]) if u not in gone]
+            pruner.step(plan)
+        stage("save")
+        _save(model, out)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(out)
+        params_after = count_parameters(model)
+        record = {
+            "model": args.model, "class": type(model).__name__, "criterion": args.criterion,
+            "aggregate": args.aggregate, "ratio": args.ratio, "strategy": args.strategy, "scope": args.scope,
+            "target": args.target, "skip_first": args.skip_first, "skip_last": args.skip_last,
+            "round_to": args.round_to, "steps": args.steps, "seed": args.seed, "calibration": calib_about,
+            "params_before": pruner.params_before, "params_after": params_after,
+            "groups": {g.name: {"kind": g.kind.value, "before": before[id(g)], "after": g.size,
+                                "removed": sorted(removed[id(g)])} for g in pruner.groups},
+        }
+        (out / "plan.json").write_text(_compact_json(record) + "\n")
+    took = time.perf_counter() - start
+    if calib_about:
+        console.say(f"calibration: {calib_about}")
+    for warning in graph.warnings:
+        console.say(f"warning: {warning}")
+    cut = sum(1 for g in pruner.groups if removed[id(g)])
+    units = sum(len(v) for v in removed.values())
+    console.say(f"pruned {units} units in {cut} of {len(pruner.groups)} groups ({args.strategy}, {args.scope}, "
+                f"{args.criterion}/{args.aggregate})")
+    if pruner.history and getattr(pruner.history[-1], "target", None) is not None:
+        console.say(str(pruner.history[-1].target))
+    console.say(f"parameters: {pruner.params_before:,} -> {params_after:,} "
+                f"({1 - params_after / max(pruner.params_before, 1):.2%} removed)")
+    console.say(f"time: {took:.1f} s")
+    console.say(f"wrote {out}/ (reload with depgraph.load_pretrained) and {out / 'plan.json'}")
+    return 0
+
+
+# ---- render --------------------------------------------------------------------------------------
+
+
+def cmd_render(args: argparse.Namespace, console: Console) -> int:
+    import visualize
+    from visualize.render import FORMATS
+
+    spec = resolve(args.model)
+    checks = [(args.output, tuple(FORMATS))] + ([(args.report, (".html", ".htm"))] if args.report else [])
+    for target, suffixes in checks:
+        if Path(target).suffix.lower() not in suffixes:
+            raise CLIError(f"cannot tell the format of {target!r}: use one of {', '.join(suffixes)}")
+    with console.stages("render", ["load", "trace", "draw"]) as stage:
+        stage("load")
+        model = _load(spec, meta=args.meta)
+        if args.scope:
+            names = [n for n, _ in model.named_modules() if n]
+            if args.scope not in names:
+                close = [n for n in names if args.scope in n][:3] or names[:3]
+                raise CLIError(f"--scope {args.scope!r} is not a module of {type(model).__name__} "
+                               f"(e.g. {', '.join(close)})")
+        stage("trace")
+        graph = _trace(model)
+        stage("draw")
+        written = [visualize.render(graph, args.output, scope=args.scope, level=args.level)]
+        if args.report:
+            written.append(visualize.report(graph, args.report, scope=args.scope))
+    for path in written:
+        console.say(f"wrote {path}")
+    return 0
+
+
+# ---- eval ----------------------------------------------------------------------------------------
+
+
+def _ppl_source(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if text.lower() in ("wikitext", "wikitext-2", "wikitext2"):
+        from .data import default_text_path
+
+        try:
+            return default_text_path("test")
+        except FileNotFoundError as exc:
+            raise CLIError(_one_line(str(exc))) from exc
+    raise CLIError(f"--ppl: no such file: {text} (a text file, or 'wikitext' for WikiText-2 test)")
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from .data import read_text
+    from .evaluate import perplexity
+
+    spec = resolve(args.model)
+    _require_weights(spec)
+    source = _ppl_source(args.ppl)
+    with console.stages("eval", ["load", "tokenize", "perplexity"]) as stage:
+        stage("load")
+        model = _load(spec, need_weights=True)
+        limit = _max_positions(model)
+        if limit is not None and args.context_length > limit:
+            raise CLIError(f"--context-length {args.context_length} exceeds the model's {limit} positions")
+        stage("tokenize")
+        ids, how = _text_ids(read_text(source), load_tokenizer(spec), model)
+        stage("perplexity")
+        try:
+            result = perplexity(model, ids, context_length=args.context_length, max_tokens=args.max_tokens,
+                                batch_size=args.batch_size, progress=not console.quiet)
+        except ValueError as exc:
+            raise CLIError(f"cannot score {source}: {exc}", 1) from exc
+    console.say(f"perplexity: {result.ppl:.4f}  (nll {result.nll:.4f} nats/token over {result.tokens:,} tokens, "
+                f"context length {result.context_length}; {source}, {how})")
+    return 0
+
+
+# ---- demo ----------------------------------------------------------------------------------------
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() < 2:
+        return float("nan")
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float((ra.pow(2).sum() * rb.pow(2).sum()).sqrt())
+    return float((ra * rb).sum()) / denom if denom else float("nan")
+
+
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    """trace -> groups -> score -> prune 20% of each kind -> verify -> save/reload -> render."""
+    import visualize
+
+    from .checkpoint import load_pretrained
+    from .cut import count_parameters, zero_mask
+    from .data import ByteTokenizer
+    from .pruner import Pruner
+
+    spec = resolve(args.model)
+    _require_weights(spec)
+    out = Path(args.out)
+    start = time.perf_counter()
+    ok = True
+    names = ["trace", "groups", "score", "plan", "cut and verify", "save and reload", "render"]
+    with console.stages("demo", names) as stage:
+        stage("trace")
+        console.header(f"1. trace: {args.model}")
+        model = _load(spec, need_weights=True)
+        t0 = time.perf_counter()
+        graph = _trace(model)
+        console.say(f"{type(model).__name__}: {count_parameters(model):,} parameters; torch.export + rules -> "
+                    f"{graph!r} in {time.perf_counter() - t0:.1f} s")
+
+        stage("groups")
+        console.header("2. coupled groups (A: MLP neurons, B: attention heads, C: hidden channels)")
+        rows = [[g.kind.value, g.name, g.size, len(g.members), f"{g.extra.get('params_per_unit', 0):,}",
+                 ", ".join(f"{m.param.rsplit('.', 2)[-2]}[{m.dim}]" for m in g.members[:4])
+                 + (", ..." if len(g.members) > 4 else "")] for g in graph.groups()]
+        console.say(_table(rows, ["kind", "group", "units", "members", "params/unit", "e.g. member (dim)"],
+                           right={2, 3, 4}))
+
+        stage("score")
+        calib, about = _calibration(model, load_tokenizer(spec), None, args.samples, args.seq_len, seed=0)
+        console.header("3. score: l2 (weights) and taylor_first (|g*W|, calibration loss)")
+        console.say(f"calibration: {about}")
+        l2 = importance.score(graph, "l2", progress=False)
+        taylor = importance.score(graph, "taylor_first", calib=calib, progress=not console.quiet)
+        rows = [[g.kind.value, g.name, g.size, f"{_spearman(l2[g], taylor[g]):+.2f}",
+                 " ".join(str(int(u)) for u in importance.ranking(taylor[g])[:5])] for g in graph.groups()]
+        console.say(_table(rows, ["kind", "group", "units", "rank corr(l2, taylor)", "least important (taylor)"],
+                           right={2, 3}))
+
+        stage("plan")
+        console.header(f"4. plan: cut {args.ratio:.0%} of the units of every group (lowest taylor_first first)")
+        plan = Pruner(graph, criterion=taylor, ratio=args.ratio, structure="all", progress=False).plan()
+        rows = [[g.kind.value, g.name, f"{len(u)} / {g.size}", " ".join(map(str, u[:8])) + (" ..." if len(u) > 8 else "")]
+                for g, u in plan.items()]
+        console.say(_table(rows, ["kind", "group", "cut", "unit ids"], right={2}))
+        pristine = copy.deepcopy((graph, taylor, plan))  # drawn at the end, with the plan as an overlay
+
+        stage("cut and verify")
+        console.header("5. cut and verify (cut == zero-masking the same units, for A and B)")
+        ids = torch.cat(calib[:2]) if len(calib) >= 2 else calib[0]
+        ids = ids[:, : min(ids.shape[1], 64)]
+        original = _logits(model, ids)
+        params_before = count_parameters(model)
+        for kind in "ABC":
+            part = {g: u for g, u in plan.items() if g.kind.value == kind}
+            if not part:
+                console.say(f"{kind} ({KIND_NAMES[kind]}): nothing to cut")
+                continue
+            masked_graph, masked_part = copy.deepcopy((graph, part))  # the reference: same units zeroed
+            zero_mask(masked_graph, masked_part)
+            reference = _logits(masked_graph.model, ids)
+            before = count_parameters(model)
+            graph.prune(part)
+            delta = float((_logits(model, ids) - reference).abs().max())
+            units = sum(len(u) for u in part.values())
+            line = (f"{kind} ({KIND_NAMES[kind]}): cut {units} units in {_plural(len(part), 'group')}, "
+                    f"{before:,} -> {count_parameters(model):,} parameters; max |dlogit| cut vs zero-mask = "
+                    f"{delta:.2e}")
+            if kind == "C":
+                line += " (C is approximate by nature: norms mix hidden channels)"
+            elif delta <= EXACT_TOL:
+                line += " ok"
+            else:
+                line += f" MISMATCH (> {EXACT_TOL:g})"
+                ok = False
+            console.say(line)
+        after = count_parameters(model)
+        pruned = _logits(model, ids)
+        console.say(f"parameters: {params_before:,} -> {after:,} ({1 - after / params_before:.1%} removed); "
+                    f"max |dlogit| vs the unpruned model = {float((pruned - original).abs().max()):.2e}")
+
+        stage("save and reload")
+        console.header("6. save and reload")
+        model_dir = out / "model"
+        state = _save(model, model_dir)
+        vocab = _vocab_size(model)
+        if vocab is not None and vocab >= ByteTokenizer().vocab_size:
+            ByteTokenizer().save_pretrained(model_dir)
+        reloaded = load_pretrained(model_dir)
+        delta = float((_logits(reloaded, ids) - pruned).abs().max())
+        fine = delta <= EXACT_TOL and count_parameters(reloaded) == after
+        ok &= fine
+        kind = ("plain from_pretrained works too" if state.get("hf_compatible")
+                else "sizes in depgraph.json: reload with depgraph.load_pretrained")
+        console.say(f"saved {model_dir}/ ({kind}); reloaded: {count_parameters(reloaded):,} parameters, "
+                    f"max |dlogit| vs before saving = {delta:.2e} {'ok' if fine else 'MISMATCH'}")
+
+        stage("render")
+        console.header("7. render")
+        g0, scores0, plan0 = pristine
+        written = []
+        try:
+            written.append(visualize.render(g0, out / "graph.svg", scores=scores0, plan=plan0))
+        except visualize.GraphvizNotFound as exc:
+            written.append(visualize.render(g0, out / "graph.dot", scores=scores0, plan=plan0))
+            console.say(f"no SVG ({_one_line(str(exc))}); wrote the .dot source instead")
+        written.append(visualize.report(g0, out / "report.html", scores=scores0, plan=plan0,
+                                        title=f"depgraph demo: {args.model}"))
+        for path in written:
+            console.say(f"wrote {path}")
+    console.header("done")
+    console.say(f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - start:.1f} s. "
+                f"Next: depgraph inspect {model_dir}   |   depgraph eval {model_dir} --ppl FILE")
+    return 0 if ok else 1
+
+
+# ---- parser and entry point ------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("-q", "--quiet", action="store_true", default=default if suppress else False,
+                        help="no progress bars")
+    parser.add_argument("--debug", action="store_true", default=default if suppress else False,
+                        help="show the traceback of an error")
+    parser.add_argument("--threads", type=_int_at_least(1), default=default if suppress else 1,
+                        help="torch CPU threads (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``depgraph`` argument parser (one sub-parser per command)."""
+    demos = ", ".join(f"{name} ({spec.about})" for name, spec in DEMO_MODELS.items())
+    model_help = ("a model directory (Hugging Face, or written by 'depgraph prune'), a config.json path, or a "
+                  f"demo name: {', '.join(DEMO_MODELS)}")
+    parser = _Parser(prog=PROG, description="Find, score, cut and draw the coupled structures in transformer "
+                     "models.", epilog=f"demo models: {demos}")
+    _common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p, suppress=True)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("inspect", "trace a model and list its coupled groups", cmd_inspect)
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--meta", action="store_true", help="build on the meta device from the config (no weights)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--kind", type=str.upper, choices=["A", "B", "C"], help="only groups of this kind")
+
+    p = command("prune", "score and cut units, then save the pruned model and plan.json", cmd_prune)
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction to remove, in (0, 1) (default 0.2)")
+    p.add_argument("--criterion", type=_criterion, default="taylor_first",
+                   help=f"importance criterion (default taylor_first): {', '.join(sorted(importance.CRITERIA))}")
+    p.add_argument("--aggregate", choices=importance.AGGREGATIONS, default="sum",
+                   help="fold member scores into unit scores (default sum)")
+    p.add_argument("--strategy", choices=["block", "channel", "all"], default="block",
+                   help="block: MLP neurons + heads (A+B), channel: hidden channels (C), all (default block)")
+    p.add_argument("--scope", choices=["local", "global"], default="local",
+                   help="ratio per group (local) or ranked across the groups of a kind (global)")
+    p.add_argument("--target", choices=["units", "params"], default="units",
+                   help="the ratio counts units of the selected groups or parameters of the model")
+    p.add_argument("--skip-first", type=_int_at_least(0), default=0, help="leave the first N layers alone")
+    p.add_argument("--skip-last", type=_int_at_least(0), default=0, help="leave the last N layers alone")
+    p.add_argument("--round-to", type=_int_at_least(1), default=None, help="keep multiples of N units per group")
+    p.add_argument("--steps", type=_int_at_least(1), default=1, help="reach the ratio in N re-scored cuts")
+    p.add_argument("--calib", type=_existing_file, default=None,
+                   help="calibration text file (default: WikiText-2 valid, else random ids)")
+    p.add_argument("--calib-samples", type=_int_at_least(1), default=8, help="calibration windows (default 8)")
+    p.add_argument("--seq-len", type=_int_at_least(2), default=128, help="tokens per window (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random scores")
+    p.add_argument("--out", required=True, help="output directory")
+
+    p = command("render", "draw the dependency graph (SVG/PNG/PDF/DOT) and an HTML report", cmd_render)
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("-o", "--output", required=True, help="diagram path; the suffix picks the format (.svg .dot ...)")
+    p.add_argument("--scope", default=None, help="only this module, e.g. model.layers.0")
+    p.add_argument("--level", choices=["module", "neuron"], default="module", help="drawing level (default module)")
+    p.add_argument("--report", default=None, help="also write a self-contained HTML report here")
+    p.add_argument("--meta", action="store_true", help="build on the meta device from the config (no weights)")
+
+    p = command("eval", "perplexity of a causal LM on a text file", cmd_eval)
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--ppl", required=True, metavar="FILE", help="text file (or 'wikitext': WikiText-2 test)")
+    p.add_argument("--context-length", type=_int_at_least(2), default=128, help="tokens per window (default 128)")
+    p.add_argument("--max-tokens", type=_int_at_least(2), default=None, help="score only the first N tokens")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward pass (default 8)")
+
+    p = command("demo", "trace, group, score, prune, verify, save and render a tiny model", cmd_demo)
+    p.add_argument("--out", default=os.path.join("out", "demo"), help="output directory (default out/demo)")
+    p.add_argument("--model", default=DEFAULT_DEMO, help=f"MODEL to run on (default {DEFAULT_DEMO})")
+    p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each group's units to cut (default 0.2)")
+    p.add_argument("--samples", type=_int_at_least(1), default=4, help="calibration windows (default 4)")
+    p.add_argument("--seq-len", type=_int_at_least(2), default=64, help="tokens per window (default 64)")
+    return parser
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, CLIError):
+        return exc.code
+    if isinstance(exc, (ModelSpecError, FileNotFoundError)):
+        return 2
+    return 1
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, (CLIError, DepGraphError)):
+        return _one_line(str(exc))
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``depgraph`` command line; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except CLIError as exc:
+        _error(_message(exc))
+        return exc.code
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    torch.set_num_threads(args.threads)
+    if args.quiet:
+        with contextlib.suppress(ImportError):
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+        with contextlib.suppress(ImportError):
+            import huggingface_hub.utils
+
+            huggingface_hub.utils.disable_progress_bars()
+    if not args.debug:  # graph warnings are printed by the commands themselves
+        logging.getLogger("depgraph").addHandler(logging.NullHandler())
+        logging.getLogger("depgraph").propagate = False
+    console = Console(quiet=args.quiet)
+    try:
+        return int(args.func(args, console) or 0)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except BrokenPipeError:  # stdout closed early (`depgraph inspect ... | head`): stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        if args.debug:
+            raise
+        _error(_message(exc))
+        return _exit_code(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
