@@ -67,6 +67,8 @@ def model_diff(model: nn.Module, config=None) -> dict:
 def _hf_compatible(model: nn.Module) -> bool:
     """Can ``from_pretrained`` rebuild this model from its (pruned) config alone?"""
     try:
+        if hasattr(model.config, "validate"):
+            model.config.validate()  # from_pretrained re-validates the saved config
         diff = model_diff(model)
     except Exception:  # e.g. the config class rejects hidden_size % heads != 0
         return False
@@ -100,7 +102,8 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs) -> dict:
     if state["hf_compatible"]:
         model.save_pretrained(path, safe_serialization=True, **kwargs)
     else:
-        model.config.save_pretrained(path)
+        # not config.save_pretrained: it re-validates, and per-layer sizes may break the class's checks
+        (path / "config.json").write_text(model.config.to_json_string(use_diff=False))
         save_model(model, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     buffers = _non_persistent_buffers(model)
     if buffers:
