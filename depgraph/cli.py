@@ -110,7 +110,8 @@ def _table(rows: list[list[Any]], header: list[str], right: set[int] | None = No
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return "  ".join(padded).rstrip()
 
     return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
 
@@ -152,7 +153,8 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 def _criterion(text: str) -> str:
     if text not in importance.CRITERIA:
-        raise argparse.ArgumentTypeError(f"unknown criterion {text!r} (choose from {', '.join(sorted(importance.CRITERIA))})")
+        known = ", ".join(sorted(importance.CRITERIA))
+        raise argparse.ArgumentTypeError(f"unknown criterion {text!r} (choose from {known})")
     return text
 
 
@@ -166,18 +168,21 @@ def _existing_file(text: str) -> Path:
 # ---- shared helpers ------------------------------------------------------------------------------
 
 
+def _no_weights(spec: ResolvedSpec) -> CLIError:
+    return CLIError(f"{spec.spec} has no weights (meta device, shapes only): it can be inspected or "
+                    "rendered, not scored, cut or evaluated")
+
+
 def _require_weights(spec: ResolvedSpec) -> None:
     """Fail before loading when ``spec`` names a shape-only demo model."""
     if spec.kind == "demo" and DEMO_MODELS[spec.spec].meta_only:
-        raise CLIError(f"{spec.spec} has no weights (meta device, shapes only): it can be inspected or rendered, "
-                       "not scored, cut or evaluated")
+        raise _no_weights(spec)
 
 
 def _load(spec: ResolvedSpec, meta: bool = False, need_weights: bool = False) -> nn.Module:
     model = load_model(spec, meta=meta)
     if need_weights and is_meta(model):
-        raise CLIError(f"{spec.spec} has no weights (meta device, shapes only): it can be inspected or rendered, "
-                       "not scored, cut or evaluated")
+        raise _no_weights(spec)
     return model
 
 
@@ -222,7 +227,7 @@ def _text_ids(text: str, tokenizer: Any, model: nn.Module) -> tuple[torch.Tensor
 
 def _calibration(model: nn.Module, tokenizer: Any, source: Path | None, n_samples: int, seq_len: int,
                  seed: int) -> tuple[list[torch.Tensor], str]:
-    """``n_samples`` windows of ``seq_len`` tokens: from ``source``, else WikiText-2 valid, else random ids."""
+    """``n_samples`` windows of ``seq_len`` tokens from ``source``, else WikiText-2 valid, else random ids."""
     from .data import calibration_batches, default_text_path, read_text
 
     vocab = _vocab_size(model)
@@ -237,7 +242,8 @@ def _calibration(model: nn.Module, tokenizer: Any, source: Path | None, n_sample
             raise CLIError("the model has no config.vocab_size: pass --calib FILE with text for calibration")
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab, (n_samples, seq_len), generator=gen)
-        return [row[None] for row in ids], f"{n_samples} random windows x {seq_len} tokens (WikiText-2 not found)"
+        about = f"{n_samples} random windows x {seq_len} tokens (WikiText-2 not found)"
+        return [row[None] for row in ids], about
     ids, how = _text_ids(read_text(source), tokenizer, model)
     try:
         batches = calibration_batches(ids, n_samples=n_samples, seq_len=seq_len, seed=seed, vocab_size=vocab)
@@ -247,45 +253,21 @@ def _calibration(model: nn.Module, tokenizer: Any, source: Path | None, n_sample
 
 
 def _save(model: nn.Module, path: Path) -> dict:
-    """:func:`depgraph.save_pretrained`, also when transformers rejects the pruned config.
-
-    Transformers 5 configs validate their architecture when saved (Llama: ``hidden_size`` must be a
-    multiple of ``num_attention_heads``), which a head or hidden-channel cut easily breaks, and
-    ``save_pretrained`` then fails. Such a model can only be reloaded by :func:`depgraph.load_pretrained`
-    anyway, so it is written the way ``save_pretrained`` writes non-HF-compatible models: config JSON
-    without validation, weights by parameter name, and ``depgraph.json`` relative to the unpruned config.
-    (Workaround for a core issue; drop it once ``depgraph.checkpoint`` handles invalid configs itself.)
-    """
-    from safetensors.torch import save_file, save_model
-
+    """:func:`depgraph.save_pretrained` (HF files when the config can describe the model)."""
     from . import checkpoint
 
-    config = getattr(model, "config", None)
-    try:
-        if config is not None and hasattr(config, "validate"):
-            config.validate()
-    except Exception:  # any validation failure: the config cannot describe this model
-        pass
-    else:
-        return checkpoint.save_pretrained(model, path)
-    path.mkdir(parents=True, exist_ok=True)
-    base = getattr(model, checkpoint.BASE_CONFIG_ATTR, None) or config
-    state = checkpoint.model_diff(model, base)
-    state.update(format=1, cls=type(model).__name__, module=type(model).__module__, hf_compatible=False,
-                 base_config=base.to_dict())
-    config.to_json_file(str(path / "config.json"))
-    save_model(model, str(path / checkpoint.WEIGHTS_FILE), metadata={"format": "pt"})
-    buffers = checkpoint._non_persistent_buffers(model)
-    if buffers:
-        save_file(buffers, str(path / checkpoint.BUFFERS_FILE))
-    (path / checkpoint.STATE_FILE).write_text(json.dumps(state, indent=1))
-    return state
+    return checkpoint.save_pretrained(model, path)
 
 
 def _compact_json(value: Any) -> str:
     """Indented JSON with lists of numbers kept on one line (unit-id lists stay readable)."""
-    text = json.dumps(value, indent=1)
-    return re.sub(r"\[[\d,\s.-]*\]", lambda m: json.dumps(json.loads(m.group(0))), text)
+    def flat(match: re.Match) -> str:
+        try:
+            return json.dumps(json.loads(match.group(0)))
+        except ValueError:  # e.g. "[-]" inside a string value: leave it alone
+            return match.group(0)
+
+    return re.sub(r"\[[\d,\s.-]*\]", flat, json.dumps(value, indent=1))
 
 
 def _json_default(value: Any) -> Any:
@@ -387,12 +369,12 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
                                               args.seed)
         stage("score and cut")
         pruner = Pruner(graph, criterion=args.criterion, aggregate=args.aggregate, ratio=args.ratio,
-                        target=args.target, scope=args.scope, structure=args.strategy, skip_first=args.skip_first,
-                        skip_last=args.skip_last, round_to=args.round_to, steps=args.steps, calib=calib,
-                        seed=args.seed, progress=not console.quiet)
+                        target=args.target, scope=args.scope, structure=args.strategy,
+                        skip_first=args.skip_first, skip_last=args.skip_last, round_to=args.round_to,
+                        steps=args.steps, calib=calib, seed=args.seed, progress=not console.quiet)
         if not pruner.groups:
-            raise CLIError(f"no group to prune: strategy {args.strategy!r} with --skip-first {args.skip_first} "
-                           f"--skip-last {args.skip_last} selects none ({graph!r})", 1)
+            raise CLIError(f"no group to prune: strategy {args.strategy!r} with --skip-first "
+                           f"{args.skip_first} --skip-last {args.skip_last} selects none ({graph!r})", 1)
         before = {id(g): g.size for g in pruner.groups}
         alive = {id(g): list(range(g.size)) for g in pruner.groups}  # current unit id -> original unit id
         removed: dict[int, list[int]] = {id(g): [] for g in pruner.groups}
@@ -425,8 +407,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
         console.say(f"warning: {warning}")
     cut = sum(1 for g in pruner.groups if removed[id(g)])
     units = sum(len(v) for v in removed.values())
-    console.say(f"pruned {units} units in {cut} of {len(pruner.groups)} groups ({args.strategy}, {args.scope}, "
-                f"{args.criterion}/{args.aggregate})")
+    console.say(f"pruned {units} units in {cut} of {len(pruner.groups)} groups "
+                f"({args.strategy}, {args.scope}, {args.criterion}/{args.aggregate})")
     if pruner.history and getattr(pruner.history[-1], "target", None) is not None:
         console.say(str(pruner.history[-1].target))
     console.say(f"parameters: {pruner.params_before:,} -> {params_after:,} "
@@ -506,8 +488,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
                                 batch_size=args.batch_size, progress=not console.quiet)
         except ValueError as exc:
             raise CLIError(f"cannot score {source}: {exc}", 1) from exc
-    console.say(f"perplexity: {result.ppl:.4f}  (nll {result.nll:.4f} nats/token over {result.tokens:,} tokens, "
-                f"context length {result.context_length}; {source}, {how})")
+    console.say(f"perplexity: {result.ppl:.4f}  (nll {result.nll:.4f} nats/token over {result.tokens:,} "
+                f"tokens, context length {result.context_length}; {source}, {how})")
     return 0
 
 
@@ -550,8 +532,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         model = _load(spec, need_weights=True)
         t0 = time.perf_counter()
         graph = _trace(model)
-        console.say(f"{type(model).__name__}: {count_parameters(model):,} parameters; torch.export + rules -> "
-                    f"{graph!r} in {time.perf_counter() - t0:.1f} s")
+        console.say(f"{type(model).__name__}: {count_parameters(model):,} parameters; torch.export + rules "
+                    f"-> {graph!r} in {time.perf_counter() - t0:.1f} s")
 
         stage("groups")
         console.header("2. coupled groups (A: MLP neurons, B: attention heads, C: hidden channels)")
@@ -562,21 +544,22 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
                            right={2, 3, 4}))
 
         stage("score")
-        calib, about = _calibration(model, load_tokenizer(spec), None, args.samples, args.seq_len, seed=0)
+        tokenizer = load_tokenizer(spec)
+        calib, about = _calibration(model, tokenizer, None, args.samples, args.seq_len, seed=0)
         console.header("3. score: l2 (weights) and taylor_first (|g*W|, calibration loss)")
         console.say(f"calibration: {about}")
         l2 = importance.score(graph, "l2", progress=False)
         taylor = importance.score(graph, "taylor_first", calib=calib, progress=not console.quiet)
         rows = [[g.kind.value, g.name, g.size, f"{_spearman(l2[g], taylor[g]):+.2f}",
                  " ".join(str(int(u)) for u in importance.ranking(taylor[g])[:5])] for g in graph.groups()]
-        console.say(_table(rows, ["kind", "group", "units", "rank corr(l2, taylor)", "least important (taylor)"],
-                           right={2, 3}))
+        header = ["kind", "group", "units", "rank corr(l2, taylor)", "least important (taylor)"]
+        console.say(_table(rows, header, right={2, 3}))
 
         stage("plan")
-        console.header(f"4. plan: cut {args.ratio:.0%} of the units of every group (lowest taylor_first first)")
+        console.header(f"4. plan: cut {args.ratio:.0%} of the units of every group (lowest taylor first)")
         plan = Pruner(graph, criterion=taylor, ratio=args.ratio, structure="all", progress=False).plan()
-        rows = [[g.kind.value, g.name, f"{len(u)} / {g.size}", " ".join(map(str, u[:8])) + (" ..." if len(u) > 8 else "")]
-                for g, u in plan.items()]
+        rows = [[g.kind.value, g.name, f"{len(u)} / {g.size}",
+                 " ".join(map(str, u[:8])) + (" ..." if len(u) > 8 else "")] for g, u in plan.items()]
         console.say(_table(rows, ["kind", "group", "cut", "unit ids"], right={2}))
         pristine = copy.deepcopy((graph, taylor, plan))  # drawn at the end, with the plan as an overlay
 
@@ -619,8 +602,10 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         model_dir = out / "model"
         state = _save(model, model_dir)
         vocab = _vocab_size(model)
-        if vocab is not None and vocab >= ByteTokenizer().vocab_size:
-            ByteTokenizer().save_pretrained(model_dir)
+        if tokenizer is None and vocab is not None and vocab >= ByteTokenizer().vocab_size:
+            tokenizer = ByteTokenizer()  # so that `depgraph eval` on the saved model uses the same ids
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(model_dir)
         reloaded = load_pretrained(model_dir)
         delta = float((_logits(reloaded, ids) - pruned).abs().max())
         fine = delta <= EXACT_TOL and count_parameters(reloaded) == after
@@ -644,7 +629,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         for path in written:
             console.say(f"wrote {path}")
     console.header("done")
-    console.say(f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - start:.1f} s. "
+    verdict = "all checks passed" if ok else "SOME CHECKS FAILED"
+    console.say(f"{verdict} in {time.perf_counter() - start:.1f} s. "
                 f"Next: depgraph inspect {model_dir}   |   depgraph eval {model_dir} --ppl FILE")
     return 0 if ok else 1
 
@@ -653,20 +639,24 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    default = argparse.SUPPRESS if suppress else None
-    parser.add_argument("-q", "--quiet", action="store_true", default=default if suppress else False,
-                        help="no progress bars")
-    parser.add_argument("--debug", action="store_true", default=default if suppress else False,
+    """-q/--debug/--threads, accepted before and after the command (sub-parsers must not reset them)."""
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False), help="no progress bars")
+    parser.add_argument("--debug", action="store_true", default=default(False),
                         help="show the traceback of an error")
-    parser.add_argument("--threads", type=_int_at_least(1), default=default if suppress else 1,
+    parser.add_argument("--threads", type=_int_at_least(1), metavar="N", default=default(1),
                         help="torch CPU threads (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``depgraph`` argument parser (one sub-parser per command)."""
     demos = ", ".join(f"{name} ({spec.about})" for name, spec in DEMO_MODELS.items())
-    model_help = ("a model directory (Hugging Face, or written by 'depgraph prune'), a config.json path, or a "
-                  f"demo name: {', '.join(DEMO_MODELS)}")
+    model_help = ("a model directory (Hugging Face, or written by 'depgraph prune'), a config.json path, "
+                  f"or a demo name: {', '.join(DEMO_MODELS)}")
+    meta_help = "build on the meta device from the config (no weights)"
     parser = _Parser(prog=PROG, description="Find, score, cut and draw the coupled structures in transformer "
                      "models.", epilog=f"demo models: {demos}")
     _common(parser, suppress=False)
@@ -678,17 +668,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def number(p: argparse.ArgumentParser, flag: str, low: int, default: int | None, help_text: str,
+               metavar: str = "N") -> None:
+        p.add_argument(flag, type=_int_at_least(low), default=default, metavar=metavar, help=help_text)
+
     p = command("inspect", "trace a model and list its coupled groups", cmd_inspect)
     p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("--meta", action="store_true", help="build on the meta device from the config (no weights)")
+    p.add_argument("--meta", action="store_true", help=meta_help)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--kind", type=str.upper, choices=["A", "B", "C"], help="only groups of this kind")
 
     p = command("prune", "score and cut units, then save the pruned model and plan.json", cmd_prune)
     p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction to remove, in (0, 1) (default 0.2)")
-    p.add_argument("--criterion", type=_criterion, default="taylor_first",
-                   help=f"importance criterion (default taylor_first): {', '.join(sorted(importance.CRITERIA))}")
+    p.add_argument("--ratio", type=_ratio, default=0.2, metavar="R", help="fraction to remove, in (0, 1) "
+                   "(default 0.2)")
+    p.add_argument("--criterion", type=_criterion, default="taylor_first", metavar="NAME",
+                   help="importance criterion (default taylor_first): "
+                   + ", ".join(sorted(importance.CRITERIA)))
     p.add_argument("--aggregate", choices=importance.AGGREGATIONS, default="sum",
                    help="fold member scores into unit scores (default sum)")
     p.add_argument("--strategy", choices=["block", "channel", "all"], default="block",
@@ -697,38 +693,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ratio per group (local) or ranked across the groups of a kind (global)")
     p.add_argument("--target", choices=["units", "params"], default="units",
                    help="the ratio counts units of the selected groups or parameters of the model")
-    p.add_argument("--skip-first", type=_int_at_least(0), default=0, help="leave the first N layers alone")
-    p.add_argument("--skip-last", type=_int_at_least(0), default=0, help="leave the last N layers alone")
-    p.add_argument("--round-to", type=_int_at_least(1), default=None, help="keep multiples of N units per group")
-    p.add_argument("--steps", type=_int_at_least(1), default=1, help="reach the ratio in N re-scored cuts")
-    p.add_argument("--calib", type=_existing_file, default=None,
+    number(p, "--skip-first", 0, 0, "leave the first N layers alone")
+    number(p, "--skip-last", 0, 0, "leave the last N layers alone")
+    number(p, "--round-to", 1, None, "keep multiples of N units per group")
+    number(p, "--steps", 1, 1, "reach the ratio in N re-scored cuts (default 1)")
+    p.add_argument("--calib", type=_existing_file, default=None, metavar="FILE",
                    help="calibration text file (default: WikiText-2 valid, else random ids)")
-    p.add_argument("--calib-samples", type=_int_at_least(1), default=8, help="calibration windows (default 8)")
-    p.add_argument("--seq-len", type=_int_at_least(2), default=128, help="tokens per window (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random scores")
-    p.add_argument("--out", required=True, help="output directory")
+    number(p, "--calib-samples", 1, 8, "calibration windows (default 8)")
+    number(p, "--seq-len", 2, 128, "tokens per calibration window (default 128)", metavar="L")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of calibration and random scores")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
     p = command("render", "draw the dependency graph (SVG/PNG/PDF/DOT) and an HTML report", cmd_render)
     p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("-o", "--output", required=True, help="diagram path; the suffix picks the format (.svg .dot ...)")
-    p.add_argument("--scope", default=None, help="only this module, e.g. model.layers.0")
-    p.add_argument("--level", choices=["module", "neuron"], default="module", help="drawing level (default module)")
-    p.add_argument("--report", default=None, help="also write a self-contained HTML report here")
-    p.add_argument("--meta", action="store_true", help="build on the meta device from the config (no weights)")
+    p.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="diagram path; the suffix picks the format (.svg .png .pdf .dot)")
+    p.add_argument("--scope", default=None, metavar="MODULE", help="only this module, e.g. model.layers.0")
+    p.add_argument("--level", choices=["module", "neuron"], default="module",
+                   help="drawing level (default module)")
+    p.add_argument("--report", default=None, metavar="HTML", help="also write an HTML report here")
+    p.add_argument("--meta", action="store_true", help=meta_help)
 
     p = command("eval", "perplexity of a causal LM on a text file", cmd_eval)
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--ppl", required=True, metavar="FILE", help="text file (or 'wikitext': WikiText-2 test)")
-    p.add_argument("--context-length", type=_int_at_least(2), default=128, help="tokens per window (default 128)")
-    p.add_argument("--max-tokens", type=_int_at_least(2), default=None, help="score only the first N tokens")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward pass (default 8)")
+    number(p, "--context-length", 2, 128, "tokens per window (default 128)", metavar="L")
+    number(p, "--max-tokens", 2, None, "score only the first N tokens")
+    number(p, "--batch-size", 1, 8, "windows per forward pass (default 8)")
 
     p = command("demo", "trace, group, score, prune, verify, save and render a tiny model", cmd_demo)
-    p.add_argument("--out", default=os.path.join("out", "demo"), help="output directory (default out/demo)")
-    p.add_argument("--model", default=DEFAULT_DEMO, help=f"MODEL to run on (default {DEFAULT_DEMO})")
-    p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each group's units to cut (default 0.2)")
-    p.add_argument("--samples", type=_int_at_least(1), default=4, help="calibration windows (default 4)")
-    p.add_argument("--seq-len", type=_int_at_least(2), default=64, help="tokens per window (default 64)")
+    p.add_argument("--out", default=os.path.join("out", "demo"), metavar="DIR",
+                   help="output directory (default out/demo)")
+    p.add_argument("--model", default=DEFAULT_DEMO, metavar="MODEL",
+                   help=f"MODEL to run on (default {DEFAULT_DEMO})")
+    p.add_argument("--ratio", type=_ratio, default=0.2, metavar="R",
+                   help="fraction of each group's units to cut (default 0.2)")
+    number(p, "--samples", 1, 4, "calibration windows (default 4)")
+    number(p, "--seq-len", 2, 64, "tokens per calibration window (default 64)", metavar="L")
     return parser
 
 

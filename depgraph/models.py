@@ -67,7 +67,8 @@ DEMO_MODELS: dict[str, DemoSpec] = {
         about="GPT-2, hidden 64, 2 layers, 4 heads, fused qkv (Conv1D), byte vocabulary"),
     "tiny-qwen2": DemoSpec("Qwen2Config", "Qwen2ForCausalLM", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=4, vocab_size=_BYTE_VOCAB, max_position_embeddings=256, tie_word_embeddings=False),
+        num_key_value_heads=4, vocab_size=_BYTE_VOCAB, max_position_embeddings=256,
+        tie_word_embeddings=False),
         about="Qwen2, hidden 64, 2 layers, 8 query / 4 KV heads, q/k/v biases, byte vocabulary"),
     "llama-7b-shape": DemoSpec("LlamaConfig", "LlamaForCausalLM", dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -108,7 +109,8 @@ def _seeded_build(build, seed: int, device: str | torch.device | None) -> nn.Mod
         return build()
 
 
-def demo_model(name: str = DEFAULT_DEMO, device: str | torch.device | None = None, seed: int = 0) -> nn.Module:
+def demo_model(name: str = DEFAULT_DEMO, device: str | torch.device | None = None,
+               seed: int = 0) -> nn.Module:
     """The built-in demo model ``name`` with seeded random weights, in eval mode.
 
     Shape-only names (``llama-7b-shape``, ``llama-70b-shape``) are always built on the ``meta`` device;
@@ -146,8 +148,8 @@ def resolve(spec: str | Path) -> ResolvedSpec:
         return ResolvedSpec("config", text, path)
     if text in DEMO_MODELS:
         return ResolvedSpec("demo", text)
-    raise ModelSpecError(f"MODEL {text!r} is not a model directory, a config.json file or a built-in demo model "
-                         f"({', '.join(DEMO_MODELS)})")
+    raise ModelSpecError(f"MODEL {text!r} is not a model directory, a config.json file or a built-in demo "
+                         f"model ({', '.join(DEMO_MODELS)})")
 
 
 def _config_from_file(path: Path):
@@ -238,5 +240,6 @@ def load_tokenizer(spec: str | Path | ResolvedSpec) -> Any | None:
         try:
             return AutoTokenizer.from_pretrained(directory, local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
-            raise ModelSpecError(f"cannot load the tokenizer in {directory}: {str(exc).splitlines()[0]}") from exc
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelSpecError(f"cannot load the tokenizer in {directory}: {first}") from exc
     return None
