@@ -168,11 +168,11 @@ class DependencyGraph:
         previous = None
         for _ in range(MAX_FACTOR_ROUNDS):
             new_a, new_b, freeze, decisions = G.resolve_products(ctx.relations, labels, frozen_comp)
+            if decisions == previous:  # labels and freezes already reflect these decisions
+                break
             labels = G.components(ctx.next_id, ctx.edge_a + new_a, ctx.edge_b + new_b) if new_a else labels
             frozen = frozen + freeze
             frozen_comp = G.frozen_components(labels, frozen)
-            if decisions == previous:
-                break
             previous = decisions
         else:
             raise UnsupportedModelError(

@@ -193,30 +193,23 @@ def form_groups(param_axes: list[ParamAxis], labels: np.ndarray, frozen_comp: np
     axis_all = np.concatenate(axes) if axes else np.zeros(0, dtype=np.int64)
     pos_all = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
     n_axes = max(len(param_axes), 1)
-    key, counts = np.unique(comp_all * n_axes + axis_all, return_counts=True)
-    comp_u, axis_u = key // n_axes, key % n_axes
 
-    # a component's signature: which parameter dims it touches and how many indices in each
+    # a component's signature: which parameter dims it touches and how many indices in each,
+    # hashed as sum(count_k * r_k) with random reals r (components list their occurrences in the
+    # same axis order, so equal signatures give bit-identical sums)
     rng = np.random.default_rng(seed)
-    r1 = rng.integers(1, 2**62, size=n_axes, dtype=np.uint64)
-    r2 = rng.integers(1, 2**62, size=n_axes, dtype=np.uint64)
-    c64 = counts.astype(np.uint64)
-    h1 = np.zeros(n_comp, dtype=np.uint64)
-    h2 = np.zeros(n_comp, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        np.add.at(h1, comp_u, r1[axis_u] * (c64 * np.uint64(2) + np.uint64(1)))
-        np.add.at(h2, comp_u, r2[axis_u] ^ (c64 * np.uint64(0x9E3779B97F4A7C15)))
-    param_comps = np.unique(comp_u)
-    sig = np.stack([h1[param_comps], h2[param_comps]], axis=1)
-    _, group_of = np.unique(sig, axis=0, return_inverse=True)
+    weights = rng.random(n_axes) + 0.5
+    sig = np.bincount(comp_all, weights=weights[axis_all], minlength=n_comp)
+    param_comps = np.flatnonzero(np.bincount(comp_all, minlength=n_comp))
+    _, group_of = np.unique(sig[param_comps], return_inverse=True)
     group_of = group_of.reshape(-1)
 
-    # order units by where they first appear (parameter order, then index)
+    # order units by where they first appear (parameter order, then index): reversed assignment
+    # leaves each component's first position
     first = np.full(n_comp, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first, comp_all, pos_all)
+    first[comp_all[::-1]] = pos_all[::-1]
     comp_group = np.full(n_comp, -1, dtype=np.int64)
     comp_unit = np.full(n_comp, -1, dtype=np.int64)
-    comp_group[param_comps] = group_of
     n_groups = int(group_of.max()) + 1 if group_of.size else 0
     order = np.lexsort((first[param_comps], group_of))
     sorted_comps = param_comps[order]
@@ -236,7 +229,7 @@ def form_groups(param_axes: list[ParamAxis], labels: np.ndarray, frozen_comp: np
     for use in uses:
         first_use.setdefault((use.param, use.dim), use)
     axes_of_group: list[list[int]] = [[] for _ in range(n_groups)]
-    pairs = np.unique(comp_group[comp_u] * n_axes + axis_u)
+    pairs = np.flatnonzero(np.bincount(comp_group[comp_all] * n_axes + axis_all, minlength=n_groups * n_axes))
     for g, k in zip((pairs // n_axes).tolist(), (pairs % n_axes).tolist()):
         axes_of_group[g].append(k)
     groups = []
