@@ -193,7 +193,7 @@ def l2_scores(group, tensors: dict[str, Any]) -> Any:
     for m in group.members:
         w = tensors[m.param].detach()
         dims = [d for d in range(w.dim()) if d != m.dim]
-        per_index = w.double().pow(2).sum(dim=dims) if dims else w.double().pow(2)
+        per_index = (torch.linalg.vector_norm(w, dim=dims) if dims else w.abs()).double().pow(2)
         units = torch.as_tensor(m.unit_of_index)
         owned = units >= 0
         score.index_add_(0, units[owned], per_index[owned])
@@ -431,6 +431,7 @@ def _machine() -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_pruning": getattr(torch_pruning, "__version__", "?"), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -439,10 +440,12 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     _import_all()
     runs = args.runs or (2 if args.quick else 3)
     results: dict[str, Any] = {"machine": _machine(), "runs": runs, "quick": args.quick,
-                               "isolation": args.isolation, "seq_len": SEQ_LEN, "main": [], "scaling": []}
+                               "isolation": args.isolation, "seq_len": SEQ_LEN, "main": [], "scaling": [],
+                               "sections": list(args.sections)}
     t_all = time.perf_counter()
 
-    for row in main_rows(args.quick, args.tp_layers_7b):
+    sections = set(args.sections)
+    for row in main_rows(args.quick, args.tp_layers_7b) if "main" in sections else []:
         log(f"[main] {row.key}")
         for tool in TOOLS:
             layers, device = row.layers[tool], row.device[tool]
@@ -461,7 +464,9 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
                                       if row.cells["depgraph"].median and row.cells["export"].median else None),
         })
 
-    if not args.quick and not args.skip_extra:
+    if args.quick or args.skip_extra:
+        sections &= {"main"}
+    if "scaling" in sections:
         for layers in args.scaling_layers:
             log(f"[scaling] 7b {layers} layers on meta")
             entry: dict[str, Any] = {"layers": layers}
@@ -469,18 +474,19 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
                 spec = {"task": "tool", "tool": tool, "shape": "7b", "layers": layers, "device": "meta"}
                 entry[tool] = measure(spec, runs, args.timeout, args.isolation, log).to_json()
             results["scaling"].append(entry)
-
+    if "70b" in sections:
         log("[70b] trace + groups + random 20% plan on meta")
         spec = {"task": "plan", "shape": "70b", "layers": None, "device": "meta", "ratio": 0.2, "seed": 0}
         cell = measure(spec, runs, args.timeout, args.isolation, log)
         results["plan70b"] = cell.to_json()
-
+    if "prune" in sections:
         layers = args.prune_layers
         log(f"[prune] 1.1b {layers} layers, L2 20%, CPU weights")
         spec = {"task": "prune", "shape": "1.1b", "layers": layers, "device": "cpu", "ratio": 0.2}
         cell = measure(spec, 1, args.timeout, args.isolation, log)
         results["prune1b"] = cell.to_json() | {"layers": layers}
     results["total_wall_s"] = time.perf_counter() - t_all
+    results["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return results
 
 
@@ -492,19 +498,23 @@ def render(results: dict[str, Any]) -> str:
     """The results as markdown tables."""
     m = results["machine"]
     out = [
-        f"## depgraph analysis speed ({'quick' if results['quick'] else 'full'} run)",
+        f"## depgraph analysis speed ({'quick' if results['quick'] else 'full'} run; sections: "
+        f"{', '.join(results.get('sections', ['main']))})",
         "",
         f"torch {m['torch']}, transformers {m['transformers']}, torch-pruning {m['torch_pruning']}, "
         f"Python {m['python']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads); input ids "
         f"[1, {results['seq_len']}]; min / median of {results['runs']} runs, each in a fresh "
         f"{'forked child' if results['isolation'] == 'fork' else 'interpreter'}; peak RSS = ru_maxrss of that "
         "child in MiB (+ growth during the timed call); ratios are of medians.",
-        "",
-        "| model | layers (dg / TP / export) | params | depgraph trace+groups s | Torch-Pruning build+groups s "
-        "| torch.export s | peak RSS MiB depgraph | peak RSS MiB TP | peak RSS MiB export | depgraph / TP "
-        "| depgraph / export | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    if results["main"]:
+        out += [
+            "",
+            "| model | layers (dg / TP / export) | params | depgraph trace+groups s | Torch-Pruning build+groups s "
+            "| torch.export s | peak RSS MiB depgraph | peak RSS MiB TP | peak RSS MiB export | depgraph / TP "
+            "| depgraph / export | notes |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
     for row in results["main"]:
         cells = {t: _cell_from_json(c) for t, c in row["cells"].items()}
         lay = " / ".join(f"{row['layers'][t]}{' meta' if row['device'][t] == 'meta' else ''}"
@@ -571,7 +581,10 @@ def render(results: dict[str, Any]) -> str:
             ]
         else:
             out.append(f"{prune['status']}: {prune['error']}")
-    out += ["", f"total wall time {results['total_wall_s']:.0f} s"]
+    load = [m.get("loadavg_start"), m.get("loadavg_end")]
+    load_text = " -> ".join(f"{x[0]:.1f}" for x in load if x) or "?"
+    out += ["", f"total wall time {results['total_wall_s']:.0f} s; 1-min load average {load_text} "
+                "(other work on the machine inflates every cell alike)"]
     return "\n".join(out)
 
 
@@ -595,6 +608,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prune-layers", type=int, default=22, help="layers of the 1.1B shape fully pruned")
     parser.add_argument("--scaling-layers", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     parser.add_argument("--skip-extra", action="store_true", help="main table only (no scaling/70B/prune)")
+    parser.add_argument("--sections", nargs="+", choices=("main", "scaling", "70b", "prune"),
+                        default=["main", "scaling", "70b", "prune"], help="which parts to run (default: all)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.isolation is None:

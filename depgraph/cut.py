@@ -198,7 +198,7 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
 
     for param, shape in new_shapes.items():
         # fused expert weights [experts, a, b] go through grouped matmuls that need 16-byte strides
-        if len(shape) == 3 and param in tensors:
+        if param in getattr(graph, "expert_params", ()) and param in tensors:
             item = tensors[param].element_size()
             bad = [d for d in (1, 2) if shape[d] * item % 16]
             if bad:
@@ -220,29 +220,41 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
             staged[param] = data.contiguous()
 
     # 3. stage attribute edits
-    edits = _module_edits(model, new_shapes)
-    config_edits = _group_edits(graph, checked)
+    # 3. the reference for exact groups: the same units zero-masked in the model as it is now
+    reference = _masked_reference(graph, checked, tensors) if verify else None
+
+    # 4. stage attribute edits and commit; the first attempt also rescales attention sizes that
+    #    are named like the hidden size ("embed_dim" == heads x head_dim), the second does not
     transaction = _Transaction()
-    config = _config_of(model)
-    if config is not None and hasattr(config, "to_dict") and not hasattr(model, BASE_CONFIG_ATTR):
-        # remember the unpruned config: checkpoints describe per-layer sizes relative to it
-        transaction.set_attr(model, BASE_CONFIG_ATTR, copy.deepcopy(config))
-    try:
-        for param, data in staged.items():
-            transaction.set_data(tensors[param], data)
-        for obj, name, value in edits + config_edits:
-            old = getattr(obj, name, None)
-            if old is not value and not (isinstance(value, (int, float, str, tuple)) and old == value):
-                transaction.set_attr(obj, name, value)
-        if verify:
-            _check_forward(graph)
-    except PruneError:
-        transaction.rollback()
-        raise
-    except Exception as exc:  # any failure leaves the model as it was
-        transaction.rollback()
-        raise PruneError(f"the cut could not be applied ({type(exc).__name__}: {str(exc)[:300]}); "
-                         "the model was left unchanged") from exc
+    failure: Exception | None = None
+    for guess_inner in (True, False):
+        edits = _module_edits(model, new_shapes) + _group_edits(graph, checked, guess_inner=guess_inner)
+        transaction = _Transaction()
+        config = _config_of(model)
+        if config is not None and hasattr(config, "to_dict") and not hasattr(model, BASE_CONFIG_ATTR):
+            # remember the unpruned config: checkpoints describe per-layer sizes relative to it
+            transaction.set_attr(model, BASE_CONFIG_ATTR, copy.deepcopy(config))
+        try:
+            for param, data in staged.items():
+                transaction.set_data(tensors[param], data)
+            for obj, name, value in edits:
+                old = getattr(obj, name, None)
+                if old is not value and not (isinstance(value, (int, float, str, tuple)) and old == value):
+                    transaction.set_attr(obj, name, value)
+            if verify:
+                out = _check_forward(graph)
+                if reference is not None:
+                    _check_exact(out, reference, checked)
+            failure = None
+            break
+        except Exception as exc:  # any failure leaves the model as it was
+            transaction.rollback()
+            failure = exc
+    if failure is not None:
+        if isinstance(failure, PruneError):
+            raise failure
+        raise PruneError(f"the cut could not be applied ({type(failure).__name__}: {str(failure)[:300]}); "
+                         "the model was left unchanged") from failure
 
     report = PruneReport(before, count_parameters(model))
     report.units_removed = {g.name: int(u.size) for g, u in checked.items()}
@@ -264,7 +276,7 @@ def _module_edits(model: nn.Module, new_shapes: dict[str, tuple[int, ...]]) -> l
     return edits
 
 
-def _group_edits(graph, checked: dict[Group, np.ndarray]) -> list[Edit]:
+def _group_edits(graph, checked: dict[Group, np.ndarray], guess_inner: bool = True) -> list[Edit]:
     """Head counts, MLP widths and hidden sizes stored on modules and in the config."""
     model = graph.model
     config = _config_of(model)
@@ -281,7 +293,7 @@ def _group_edits(graph, checked: dict[Group, np.ndarray]) -> list[Edit]:
                 # inside attention, "hidden_size"/"embed_dim" equal to heads x head_dim mean the inner size
                 inner = max((len(m.indices()) for m in group.members if m.role == "in"), default=-1)
                 for _, module in modules:
-                    for attr in attrs + (HIDDEN_ATTRS if kind is GroupKind.B else ()):
+                    for attr in attrs + (HIDDEN_ATTRS if kind is GroupKind.B and guess_inner else ()):
                         value = getattr(module, attr, None)
                         if attr in HIDDEN_ATTRS and attr not in attrs and value != inner:
                             continue
@@ -290,7 +302,7 @@ def _group_edits(graph, checked: dict[Group, np.ndarray]) -> list[Edit]:
                             edits.append((module, attr, new))
             scope_config = next((m.config for _, m in modules if getattr(m, "config", None) is not None), config)
             for name in fields:
-                value = getattr(scope_config, name, None) if scope_config is not None else None
+                value = _safe_get(scope_config, name) if scope_config is not None else None
                 new = _scaled(value, group.size, after)
                 if new is not None:
                     targets[name].append((modules, new, units is not None))
@@ -330,38 +342,107 @@ def _group_edits(graph, checked: dict[Group, np.ndarray]) -> list[Edit]:
         for path, module in model.named_modules():
             if (path + ".").startswith(attention):
                 continue  # there these names mean heads x head_dim (handled with the B groups)
+            shape = getattr(module, "normalized_shape", None)
+            if (not any(True for _ in module.parameters(recurse=False)) and isinstance(shape, tuple)
+                    and shape == (group.size,)):
+                edits.append((module, "normalized_shape", (after,)))  # a norm without weights
             for attr in HIDDEN_ATTRS:
                 if attr in vars(module) and getattr(module, attr) == group.size:
                     edits.append((module, attr, after))
         if config is not None:
             for name in HIDDEN_CONFIG:
-                if getattr(config, name, None) == group.size:
+                if _safe_get(config, name) == group.size:
                     edits.append((config, name, after))
     return edits
 
 
+def _safe_get(obj, name: str):
+    try:  # some configs raise more than AttributeError for per-layer attributes
+        return getattr(obj, name, None)
+    except Exception:
+        return None
+
+
 def _pin_head_dim(config, edits: list[Edit]) -> bool:
     """Keep ``head_dim`` explicit before head counts or hidden size change (it defaults to their ratio)."""
-    heads = getattr(config, "num_attention_heads", None)
-    hidden = getattr(config, "hidden_size", None)
-    if getattr(config, "head_dim", None) is None and isinstance(heads, int) and isinstance(hidden, int) and heads:
+    heads = _safe_get(config, "num_attention_heads")
+    hidden = _safe_get(config, "hidden_size")
+    if _safe_get(config, "head_dim") is None and isinstance(heads, int) and isinstance(hidden, int) and heads:
         edits.append((config, "head_dim", hidden // heads))
     return True
 
 
-def _check_forward(graph) -> None:
+def _output_tensor(out) -> torch.Tensor | None:
+    """The main output of a forward: ``.logits``, ``last_hidden_state``, or the first tensor."""
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def _forward(graph):
     args, kwargs = graph.example_inputs
     model = graph.model
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            return _output_tensor(model(*args, **kwargs))
+    finally:
+        model.train(was_training)
+
+
+def _check_forward(graph) -> torch.Tensor | None:
+    try:
+        return _forward(graph)
     except Exception as exc:
         raise PruneError(f"the cut model no longer runs forward ({type(exc).__name__}: {str(exc)[:300]}); "
                          "the cut was rolled back and the model is unchanged") from exc
+
+
+def _masked_reference(graph, checked: dict[Group, np.ndarray], tensors) -> torch.Tensor | None:
+    """Output of the model with the plan's units zero-masked (restored afterwards).
+
+    Only for plans of exact groups on real (non-meta) weights: then the cut model must
+    reproduce it, which catches a module attribute the cut forgot or mis-scaled.
+    """
+    if not all(g.exact for g in checked):
+        return None
+    slices = [(tensors[m.param], m.dim, torch.as_tensor(m.indices(u), dtype=torch.long))
+              for g, u in checked.items() for m in g.members if m.role == "in"]
+    if not slices or any(t.device.type == "meta" for t, _, _ in slices):
+        return None
+    saved = [(t, d, i, t.data.index_select(d, i.to(t.device)).clone()) for t, d, i in slices]
+    try:
+        with torch.no_grad():
+            for t, d, i, _ in saved:
+                t.data.index_fill_(d, i.to(t.device), 0)
+        try:
+            return _forward(graph)
+        except Exception:  # the model cannot run as traced: the forward check will say so
+            return None
     finally:
-        model.train(was_training)
+        with torch.no_grad():
+            for t, d, i, old in saved:
+                t.data.index_copy_(d, i.to(t.device), old)
+
+
+def _check_exact(out: torch.Tensor | None, reference: torch.Tensor, checked) -> None:
+    if out is None or out.shape != reference.shape:
+        raise PruneError("the cut model's output shape changed; the cut was rolled back")
+    tol = 1e-4 if out.dtype == torch.float32 or out.dtype == torch.float64 else 2e-2
+    diff = float((out.float() - reference.float()).abs().max())
+    scale = float(reference.float().abs().max()) or 1.0
+    if diff > tol * max(1.0, scale):
+        names = ", ".join(g.name for g in checked)
+        raise PruneError(f"cutting {names} does not reproduce zero-masking the same units (max |diff| "
+                         f"{diff:.3g}): a module reads a size the cut did not update. The cut was rolled "
+                         "back and the model is unchanged; please report the model class.")
 
 
 def _update_graph(graph, checked, keep_masks, new_shapes) -> None:

@@ -166,18 +166,23 @@ class DependencyGraph:
         # Decide each reshape's unit factor, then re-check with the merged components until the
         # decisions settle: freezes only accumulate, so this reaches a fixpoint; the cap is a guard.
         previous = None
-        for _ in range(MAX_FACTOR_ROUNDS):
+        for round_ in range(MAX_FACTOR_ROUNDS + 1):
             new_a, new_b, freeze, decisions = G.resolve_products(ctx.relations, labels, frozen_comp)
             if decisions == previous:  # labels and freezes already reflect these decisions
                 break
+            if round_ == MAX_FACTOR_ROUNDS:
+                # still changing: freeze every reshape whose choice keeps flipping (conservative),
+                # then settle once more with those frozen; the loop ends here whatever happens
+                for rel, now, before in zip(ctx.relations, decisions, previous):
+                    if now != before:
+                        frozen.append((rel.whole, f"unsettled reshape at {rel.where}"))
+                        frozen.extend((f, f"unsettled reshape at {rel.where}") for f in rel.factors)
+                frozen_comp = G.frozen_components(labels, frozen)
+                new_a, new_b, freeze, decisions = G.resolve_products(ctx.relations, labels, frozen_comp)
             labels = G.components(ctx.next_id, ctx.edge_a + new_a, ctx.edge_b + new_b) if new_a else labels
             frozen = frozen + freeze
             frozen_comp = G.frozen_components(labels, frozen)
             previous = decisions
-        else:
-            raise UnsupportedModelError(
-                f"the head/channel factorisation of {type(self.model).__name__} did not settle after "
-                f"{MAX_FACTOR_ROUNDS} rounds (reshapes that factor the same channels inconsistently)")
         param_axes = []
         for name, axes, is_buffer in builder.param_nodes.values():
             for d, axis in enumerate(axes):
@@ -193,7 +198,7 @@ class DependencyGraph:
         remap[np.array(keep, dtype=np.int64)] = np.arange(len(keep))
         comp_group = np.where(comp_group >= 0, remap[np.maximum(comp_group, 0)], -1)
         groups = [groups[gi] for gi in keep]
-        G.classify(groups, comp_group, labels, ctx.head_ids, ctx.embed_ids, param_ids)
+        G.classify(groups, comp_group, labels, ctx.head_ids, ctx.embed_ids, param_ids, ctx.mixed)
         for g in groups:
             g.graph_id = id(self)
         self._groups = groups
@@ -203,6 +208,7 @@ class DependencyGraph:
         self._param_ids = param_ids
         self.param_shapes = {name: tuple(a.size for a in axes) for name, axes, _ in builder.param_nodes.values()}
         self.buffers = {name for name, _, is_buffer in builder.param_nodes.values() if is_buffer}
+        self.expert_params = set(ctx.expert_params)
         self._set_param_counts()
         self._report(ctx, labels, frozen, frozen_comp, param_axes)
 

@@ -146,8 +146,12 @@ def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp:
             continue
         chosen = None
         # never the innermost factor: it is the contiguous feature axis (head_dim), whose
-        # size the module hard-codes; outer factors frozen by select/unbind may be skipped
-        for k, f in enumerate(factors[:-1]):
+        # size the module hard-codes; outer factors frozen by select/unbind may be skipped.
+        # When the code wrote -1 for one factor, only that one may change size.
+        candidates = list(enumerate(factors[:-1]))
+        if rel.preferred is not None:
+            candidates = [(k, f) for k, f in candidates if f is rel.preferred]
+        for k, f in candidates:
             if not frozen_comp[labels[f]].any():
                 chosen = k
                 break
@@ -248,7 +252,7 @@ def form_groups(param_axes: list[ParamAxis], labels: np.ndarray, frozen_comp: np
 
 
 def classify(groups: list[Group], comp_group: np.ndarray, labels: np.ndarray, head_ids, embed_ids,
-             param_ids: dict[tuple[str, int], np.ndarray]) -> None:
+             param_ids: dict[tuple[str, int], np.ndarray], mixed_ids=()) -> None:
     """Set ``kind``, ``exact`` and ``name`` of every group from where it sits in the graph."""
     def groups_touching(id_lists) -> set[int]:
         if not id_lists:
@@ -258,6 +262,7 @@ def classify(groups: list[Group], comp_group: np.ndarray, labels: np.ndarray, he
 
     head_groups = groups_touching(head_ids)
     embed_groups = groups_touching(embed_ids)
+    mixed_groups = groups_touching(list(mixed_ids))
     for gi, group in enumerate(groups):
         if gi in head_groups:
             group.kind = GroupKind.B
@@ -278,7 +283,9 @@ def classify(groups: list[Group], comp_group: np.ndarray, labels: np.ndarray, he
                         src = int(np.bincount(g).argmax())
                 sources.add(src)
             group.kind = GroupKind.C if len(sources) >= 2 else GroupKind.A
-        group.exact = group.kind is not GroupKind.C
+        # exact (cut == zero-mask) unless something reduces over the units: a norm's statistic
+        # (hidden channels, OLMo-2's q/k norm over all heads), a mean over a weight (BitNet)
+        group.exact = group.kind is not GroupKind.C and gi not in mixed_groups
     name_groups(groups)
 
 

@@ -105,5 +105,5 @@ HEAD_CONFIG = ("num_attention_heads", "n_head", "num_heads", "n_heads", "num_key
 MLP_ATTRS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size", "hidden_dim_ffn")
 MLP_CONFIG = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size")
 # residual width
-HIDDEN_ATTRS = ("hidden_size", "embed_dim", "n_embd", "d_model", "model_dim", "hidden_dim")
+HIDDEN_ATTRS = ("hidden_size", "embed_dim", "n_embd", "d_model", "model_dim", "hidden_dim", "dim_norm")
 HIDDEN_CONFIG = ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim", "dim")

@@ -26,6 +26,15 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _accepts_use_cache(model: nn.Module) -> bool:
+    """``use_cache`` is a named parameter, or the model has a cache and takes ``**kwargs``."""
+    params = inspect.signature(model.forward).parameters
+    if "use_cache" in params:
+        return True
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return takes_kwargs and hasattr(getattr(model, "config", None), "use_cache")
+
+
 def default_inputs(model: nn.Module, batch: int = 2, seq_len: int = 8) -> tuple[tuple, dict[str, Any]]:
     """Example inputs built from the model's config: token ids for a transformer."""
     config = getattr(model, "config", None)
@@ -41,8 +50,7 @@ def default_inputs(model: nn.Module, batch: int = 2, seq_len: int = 8) -> tuple[
     seq_len = max(2, min(seq_len, int(max_pos)))
     ids = torch.arange(batch * seq_len, device="cpu").reshape(batch, seq_len) % max(int(vocab) - 1, 1) + 1
     kwargs: dict[str, Any] = {}
-    params = inspect.signature(model.forward).parameters
-    if "use_cache" in params:
+    if _accepts_use_cache(model):
         kwargs["use_cache"] = False
     return (ids.to(device),), kwargs
 
@@ -65,7 +73,7 @@ def normalise_inputs(model: nn.Module, example_inputs) -> tuple[tuple, dict[str,
             f"example_inputs must be a tensor, a tuple of tensors, a dict of keyword inputs or "
             f"(args, kwargs); got {type(example_inputs).__name__}"
         )
-    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
+    if _accepts_use_cache(model) and "use_cache" not in kwargs:
         kwargs["use_cache"] = False  # a KV cache is state, not structure
     return args, kwargs
 

@@ -43,6 +43,7 @@ class Relation:
     whole: np.ndarray
     factors: list[np.ndarray]
     where: str
+    preferred: np.ndarray | None = None  # the factor the code leaves to torch (-1), if any
 
 
 @dataclass
@@ -75,6 +76,8 @@ class RuleContext:
     unknown: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
     axis_edges: list[tuple[str, str, str]] = field(default_factory=list)
     merged: dict[tuple[int, int, int], tuple[np.ndarray, list[Axis]]] = field(default_factory=dict)
+    mixed: list[np.ndarray] = field(default_factory=list)
+    expert_params: set[str] = field(default_factory=set)  # weights read by grouped (MoE) matmuls
     current: fx.Node | None = None
     order: int = 0
 
@@ -107,15 +110,19 @@ class RuleContext:
         if isinstance(a, Axis) and isinstance(b, Axis):
             self.axis_edges.append((a.key, b.key, why or self.op_name()))
 
-    def product(self, whole: Axis, factors: list[Axis]) -> None:
-        """``whole`` is the row-major product of ``factors`` (sizes must multiply out)."""
+    def product(self, whole: Axis, factors: list[Axis], preferred: Axis | None = None) -> None:
+        """``whole`` is the row-major product of ``factors`` (sizes must multiply out).
+
+        ``preferred``: the one factor whose size the code does not hard-code (a ``-1`` in a view).
+        """
         size = 1
         for f in factors:
             size *= f.size
             self.axis_edges.append((whole.key, f.key, "reshape"))
         if size != whole.size:
             raise ValueError(f"reshape factors {[f.size for f in factors]} do not multiply to {whole.size}")
-        self.relations.append(Relation(whole.ids, [f.ids for f in factors], self.where()))
+        self.relations.append(Relation(whole.ids, [f.ids for f in factors], self.where(),
+                                       preferred.ids if preferred is not None else None))
 
     def remember_merge(self, whole: Axis, factors: list[Axis]) -> None:
         """``whole`` was made by merging ``factors`` (a reshape), so splitting it back can reuse them."""
@@ -134,6 +141,12 @@ class RuleContext:
     def freeze(self, ids: Axis | np.ndarray, reason: str) -> None:
         """These neurons are never cut (conservative)."""
         self.frozen.append((ids.ids if isinstance(ids, Axis) else ids, reason))
+
+    def mix(self, axis: Axis) -> None:
+        """``axis`` is reduced over (a norm's statistic, a mean, a softmax): cutting one of its
+        neurons changes the others' values, so a group holding them is approximate, not exact."""
+        if axis.size > 1:
+            self.mixed.append(axis.ids)
 
     def mark_heads(self, axis: Axis) -> None:
         """``axis`` indexes attention heads (batch dimension of an attention contraction)."""

@@ -241,6 +241,9 @@ def grouped_mm(ctx: RuleContext, node: fx.Node):
         return NotImplemented
     ctx.couple(xa[-1], wa[1], "expert input")
     ctx.freeze(wa[0], f"experts at {ctx.where()}")
+    base = ctx.param_views.get(w.name, (w.name, None))[0]
+    if base in ctx.param_of_node:
+        ctx.expert_params.add(ctx.param_of_node[base])
     ctx.use(w, 1, "in")
     ctx.use(w, 2, "out")
     return [ctx.same(xa[0], node, 0), ctx.same(wa[2], node, 1)]

@@ -21,6 +21,8 @@ def _normalise(ctx: RuleContext, node: fx.Node, weight, bias, n_dims: int):
     xa = ctx.tensor_axes(node.args[0])
     if xa is None:
         return NotImplemented
+    for j in range(1, n_dims + 1):
+        ctx.mix(xa[-j])
     for param, role in ((weight, "scale"), (bias, "bias")):
         pa = ctx.tensor_axes(param)
         if pa is None:
@@ -71,6 +73,8 @@ def reduce(ctx: RuleContext, node: fx.Node):
         return NotImplemented
     nd = len(xa)
     reduced = _reduced_dims(node, nd)
+    for j in reduced:
+        ctx.mix(xa[j])
 
     def one(shape) -> list:
         keep = len(shape) == nd
@@ -95,6 +99,9 @@ def along_dim(ctx: RuleContext, node: fx.Node):
     xa = ctx.tensor_axes(node.args[0])
     if xa is None:
         return NotImplemented
+    dim = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else node.kwargs.get("dim")
+    if isinstance(dim, int):
+        ctx.mix(xa[dim % len(xa)])
     return [ctx.same(a, node, j) for j, a in enumerate(xa)]
 
 

@@ -24,8 +24,13 @@ def _dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
-def reshape_axes(ctx: RuleContext, node: fx.Node, src: list[Axis], out_shape) -> list[Axis]:
-    """Axes of ``src`` reshaped (row-major) to ``out_shape``."""
+def reshape_axes(ctx: RuleContext, node: fx.Node, src: list[Axis], out_shape,
+                 inferred: frozenset[int] = frozenset()) -> list[Axis]:
+    """Axes of ``src`` reshaped (row-major) to ``out_shape``.
+
+    ``inferred``: output dims the code left to torch (``-1``). When a split has one, that factor is
+    the only one whose size may change after a cut; the others' sizes are written in the code.
+    """
     out: list[Axis | None] = [None] * len(out_shape)
     ins = [a for a in src if a.size != 1]
     outs = [(j, s) for j, s in enumerate(out_shape) if s != 1]
@@ -64,7 +69,8 @@ def reshape_axes(ctx: RuleContext, node: fx.Node, src: list[Axis], out_shape) ->
         for (j, _), axis in zip(gk, fresh):
             out[j] = axis
         if len(gi) == 1:
-            ctx.product(gi[0], fresh)
+            free = [axis for (j, _), axis in zip(gk, fresh) if j in inferred]
+            ctx.product(gi[0], fresh, preferred=free[0] if len(free) == 1 else None)
         elif len(gk) == 1:
             ctx.product(fresh[0], gi)
             ctx.remember_merge(fresh[0], gi)
@@ -83,7 +89,9 @@ def reshape(ctx: RuleContext, node: fx.Node):
     shape = shape_of(node)
     if src is None or shape is None:
         return NotImplemented
-    return reshape_axes(ctx, node, src, shape)
+    requested = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) else ()
+    inferred = frozenset(j for j, size in enumerate(requested) if isinstance(size, int) and size == -1)
+    return reshape_axes(ctx, node, src, shape, inferred)
 
 
 @register(aten.transpose, aten.swapaxes, aten.swapdims)

@@ -1,0 +1,973 @@
+"""Pruning quality: what each criterion, aggregation and structure costs in perplexity (and embedding agreement).
+
+Usage::
+
+    python benchmarks/quality.py [--quick] [--json PATH] [--md PATH] [--threads N] [overrides, see --help]
+
+Models:
+
+* the byte-level tiny Llama of :func:`common.train_tiny_llama` (trained on WikiText-2 ``valid.txt``,
+  cached). Quality is perplexity on the first ``--eval-tokens`` bytes of WikiText-2 ``test.txt`` with
+  non-overlapping windows of ``--context`` (128) tokens: the same bytes for every row, so rows are
+  compared on paired data. Calibration (scoring, Wanda, depth, Taylor) is ``--calib-samples`` seeded
+  windows of 128 bytes from ``valid.txt``; no test byte is ever used for calibration or recovery.
+* the real pretrained all-MiniLM-L6-v2 (:func:`depgraph.evaluate.load_minilm`). Only A (MLP neurons)
+  and B (attention heads) are pruned: the hidden width is the embedding the model outputs. Its token
+  embedding table (11.9M of 22.7M parameters) cannot be touched by A/B cuts, so 50% of *all* parameters
+  is out of reach: MiniLM budgets are fractions of the encoder-layer parameters (the % of the whole
+  model is reported too). Quality: mean cosine between the original and pruned sentence embeddings of
+  WikiText-2 test sentences, and Spearman agreement of their pairwise similarities.
+
+Rows (tiny Llama; every one is a fresh copy of the same trained model):
+
+* depgraph width pruning: criterion x aggregation x structure (``block`` = A+B, ``channel`` = C) x
+  budget, ``target="params"``, local scope, one shot. Each criterion's per-member scores are computed
+  once on the unpruned model and folded with each aggregation, then handed to ``depgraph.Pruner`` as
+  fixed scores: the same plan ``Pruner(criterion=name)`` makes in one step (checked once per run:
+  ``meta.fixed_score_check``). ``random`` ranks identically under every aggregation, so it has one row.
+* depgraph depth pruning: ``depgraph.depth.block_importance`` (1 - cos(in, out)) and removal of the
+  nearest whole number of blocks to each budget.
+* Torch-Pruning (``MagnitudeImportance(p=2)``, ``TaylorImportance()``), each run in a child process with
+  a timeout, pruning ratio bisected so the parameter count is as close as its granularity allows to
+  the depgraph row's. Its LLM recipe (heads via ``num_heads``/``prune_num_heads``) is attempted first;
+  when it fails or hangs the row says so, and the MLP-only / hidden-only configurations are used.
+* unstructured sparsity (``depgraph.sparsify``): magnitude and Wanda at 50% and 2:4; parameters are not
+  removed, the rows report non-zeros and run dense kernels.
+* recovery of the best depgraph and the best Torch-Pruning model at the first budget: LoRA (peft,
+  r=8, alpha=16 on q,k,v,o,gate,up,down, merged after) and knowledge distillation (KL to the unpruned
+  teacher's logits, temperature 1, all parameters), ``--recovery-steps`` steps of batch 8 x 128 bytes of
+  ``valid.txt``.
+
+Every row reports parameters (% removed), MACs of a [1, 128] forward (``common.macs``), CPU latency of
+that forward relative to the unpruned model (interleaved rounds of ``common.latency_ms`` so load drift
+cancels; measured once per distinct architecture), quality and the time pruning took (scoring + cut;
+a criterion's scoring time is shared by its aggregation rows and shown on each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import faulthandler
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1]))
+
+from common import SEQ_LEN, latency_ms, macs, param_count, train_tiny_llama  # noqa: E402
+
+import depgraph  # noqa: E402
+from depgraph.data import calibration_batches, default_text_path, read_text  # noqa: E402
+from depgraph.evaluate import perplexity  # noqa: E402
+from depgraph.groups import GroupKind  # noqa: E402
+from depgraph.importance import combine, member_scores  # noqa: E402
+from depgraph.pruner import STRUCTURES  # noqa: E402
+
+CRITERIA = ("random", "l1", "l2", "taylor_vector", "taylor_first", "taylor_second", "wanda", "activation")
+AGGREGATIONS = ("sum", "product", "max", "last", "mean")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GRAD_BUDGET = 1 << 40  # one set of calibration passes for Taylor (the model is tiny)
+TP_RESULT = "TP-RESULT "
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+@dataclass
+class Settings:
+    """Everything that determines a run (all of it goes into the JSON ``meta``)."""
+
+    quick: bool
+    criteria: list[str]
+    aggregations: list[str]
+    ratios: list[float]
+    structures: list[str]
+    eval_tokens: int
+    context: int
+    calib_samples: int
+    calib_batch: int
+    latency_rounds: int
+    latency_repeats: int
+    tp_imps: list[str]
+    tp_timeout: float
+    tp_heads_timeout: float
+    depth: bool
+    sparse: list[tuple[str, str]]
+    recovery_steps: int
+    recovery_batch: int
+    lora_lr: float
+    kd_lr: float
+    minilm_settings: list[tuple[str, str]]
+    minilm_sentences: int
+    seed: int = 0
+    threads: int = 2
+    cache_dir: str | None = None
+    skip: list[str] = field(default_factory=list)
+
+
+def make_settings(args: argparse.Namespace) -> Settings:
+    """Quick or full defaults, then the command-line overrides."""
+    if args.quick:
+        s = Settings(
+            quick=True, criteria=["random", "l2", "taylor_first", "wanda"], aggregations=["sum"], ratios=[0.2],
+            structures=["block"], eval_tokens=1024, context=SEQ_LEN, calib_samples=8, calib_batch=4,
+            latency_rounds=2, latency_repeats=3, tp_imps=["l2"], tp_timeout=150, tp_heads_timeout=0, depth=True,
+            sparse=[("magnitude", "unstructured"), ("wanda", "2:4")], recovery_steps=20, recovery_batch=8,
+            lora_lr=1e-3, kd_lr=3e-4, minilm_settings=[("random", "sum"), ("wanda", "sum")], minilm_sentences=64,
+        )
+    else:
+        minilm = [(c, "sum") for c in ("random", "l1", "l2", "wanda", "activation")]
+        minilm += [(c, a) for c in ("l2", "activation") for a in ("product", "max", "last", "mean")]
+        s = Settings(
+            quick=False, criteria=list(CRITERIA), aggregations=list(AGGREGATIONS), ratios=[0.2, 0.5],
+            structures=["block", "channel"], eval_tokens=8192, context=SEQ_LEN, calib_samples=32, calib_batch=8,
+            latency_rounds=3, latency_repeats=5, tp_imps=["l2", "taylor"], tp_timeout=900, tp_heads_timeout=90,
+            depth=True, sparse=[(m, p) for m in ("magnitude", "wanda") for p in ("unstructured", "2:4")],
+            recovery_steps=300, recovery_batch=8, lora_lr=1e-3, kd_lr=3e-4, minilm_settings=minilm,
+            minilm_sentences=256,
+        )
+    for name in ("criteria", "aggregations", "structures", "tp_imps"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(s, name, [v for v in value.split(",") if v])
+    if args.ratios is not None:
+        s.ratios = [float(r) for r in args.ratios.split(",")]
+    for name in ("eval_tokens", "calib_samples", "recovery_steps", "minilm_sentences"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    if args.tp_heads_timeout is not None:
+        s.tp_heads_timeout = args.tp_heads_timeout
+    s.threads, s.cache_dir, s.seed = args.threads, args.cache_dir, args.seed
+    s.skip = [v for v in (args.skip or "").split(",") if v]
+    bad = [c for c in s.criteria if c not in CRITERIA] + [a for a in s.aggregations if a not in AGGREGATIONS]
+    if bad:
+        raise SystemExit(f"unknown criteria/aggregations: {bad}")
+    return s
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr with the time since the script started."""
+    print(f"[quality {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------- measuring
+
+
+def arch_key(model: nn.Module) -> tuple:
+    """Every parameter's name and shape: rows with equal keys cost the same to run."""
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def nonzeros(model: nn.Module) -> int:
+    """Number of non-zero parameter elements."""
+    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+def relative_latency(base: Callable[[], float], other: Callable[[], float], rounds: int) -> dict[str, float]:
+    """Median latency of ``other`` over that of ``base``, alternating rounds so machine load drifts out."""
+    b, o = [], []
+    for _ in range(rounds):
+        b.append(base())
+        o.append(other())
+    mb, mo = statistics.median(b), statistics.median(o)
+    return {"latency_ms": mo, "base_latency_ms": mb, "latency_rel": mo / mb}
+
+
+class CostCache:
+    """MACs and relative latency per distinct architecture (pruned shapes), each measured once."""
+
+    def __init__(self, base: nn.Module, macs_fn: Callable[[nn.Module], int],
+                 lat_fn: Callable[[nn.Module], float], rounds: int) -> None:
+        self.base, self.macs_fn, self.lat_fn, self.rounds = base, macs_fn, lat_fn, rounds
+        self.base_macs = macs_fn(base)
+        self.cache: dict[tuple, dict[str, float]] = {}
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        key = arch_key(model)
+        if key not in self.cache:
+            m = self.macs_fn(model)
+            lat = relative_latency(lambda: self.lat_fn(self.base), lambda: self.lat_fn(model), self.rounds)
+            self.cache[key] = {"macs": m, "macs_pct": 100.0 * m / self.base_macs, **lat}
+        return dict(self.cache[key])
+
+
+def _sdpa_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    b, h, sq, d = q
+    return 2 * b * h * sq * k[-2] * (d + v[-1])
+
+
+def encoder_macs(model: nn.Module, seq_len: int = SEQ_LEN) -> int:
+    """MACs of one ``[1, seq_len]`` forward of an encoder (BERT-style: ids + attention mask)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    custom = {}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
+    ids = torch.arange(seq_len)[None] % 1000 + 1000
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return counter.get_total_flops() // 2
+
+
+def encoder_latency_ms(model: nn.Module, repeats: int, seq_len: int = SEQ_LEN, warmup: int = 1) -> float:
+    """Median wall time (ms) of one ``[1, seq_len]`` encoder forward."""
+    ids = torch.arange(seq_len)[None] % 1000 + 1000
+    mask = torch.ones_like(ids)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            t = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask)
+            if i >= warmup:
+                times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------ tiny Llama
+
+
+@dataclass
+class LlamaBench:
+    """The trained model, its data and the shared measures."""
+
+    model: nn.Module
+    tokenizer: Any
+    info: dict[str, Any]
+    test_ids: torch.Tensor
+    train_ids: torch.Tensor
+    calib: list[torch.Tensor]
+    settings: Settings
+    costs: CostCache
+    params: int
+    base_ppl: float
+
+    def ppl(self, model: nn.Module) -> float:
+        s = self.settings
+        return perplexity(model, self.test_ids, context_length=s.context, max_tokens=s.eval_tokens,
+                          progress=False).ppl
+
+    def row(self, model: nn.Module, **fields: Any) -> dict[str, Any]:
+        """Measure ``model`` and return a table row (``fields`` first)."""
+        t = time.perf_counter()
+        n = param_count(model)
+        out: dict[str, Any] = {
+            **fields,
+            "params": n,
+            "removed_pct": 100.0 * (1 - n / self.params),
+            **self.costs(model),
+            "ppl": self.ppl(model),
+            "status": fields.get("status", "ok"),
+        }
+        out["eval_s"] = time.perf_counter() - t
+        return out
+
+
+def setup_llama(s: Settings) -> LlamaBench:
+    model, tok, info = train_tiny_llama(s.cache_dir, quick=s.quick, verbose=False)
+    torch.set_num_threads(s.threads)  # train_tiny_llama sets 2
+    model.eval()
+    test_ids = torch.tensor(tok.encode(read_text(default_text_path("test"))), dtype=torch.long)
+    train_ids = torch.tensor(tok.encode(read_text(default_text_path("valid"))), dtype=torch.long)
+    calib = calibration_batches(train_ids, n_samples=s.calib_samples, seq_len=s.context, seed=s.seed,
+                                batch_size=s.calib_batch)
+    costs = CostCache(model, lambda m: macs(m, s.context),
+                      lambda m: latency_ms(m, s.context, repeats=s.latency_repeats, warmup=1), s.latency_rounds)
+    params = param_count(model)
+    base_ppl = perplexity(model, test_ids, context_length=s.context, max_tokens=s.eval_tokens, progress=False).ppl
+    return LlamaBench(model, tok, info, test_ids, train_ids, calib, s, costs, params, base_ppl)
+
+
+def fixed_plan_pruner(graph: depgraph.DependencyGraph, per_group: dict[int, torch.Tensor], structure: str,
+                      ratio: float) -> tuple[depgraph.DependencyGraph, depgraph.PruneReport, float]:
+    """Copy ``graph`` (and its model), prune it with fixed per-group scores (by group index); time the cut."""
+    g2 = copy.deepcopy(graph)
+    kinds = {GroupKind(k) for k in STRUCTURES[structure]}
+    groups = g2.groups()
+    fixed = {groups[i]: s for i, s in per_group.items() if groups[i].kind in kinds}
+    t = time.perf_counter()
+    report = depgraph.Pruner(g2, criterion=fixed, ratio=ratio, target="params", structure=structure,
+                             progress=False).prune()
+    return g2, report, time.perf_counter() - t
+
+
+def check_fixed_scores(bench: LlamaBench, graph: depgraph.DependencyGraph, structure: str, ratio: float) -> str:
+    """The fixed-score path must cut exactly what ``Pruner(criterion="l2")`` cuts; returns a verdict."""
+    scores = member_scores(graph, "l2", progress=False)
+    per_group = {i: combine(scores[g], "sum") for i, g in enumerate(graph.groups())}
+    a, _, _ = fixed_plan_pruner(graph, per_group, structure, ratio)
+    b = copy.deepcopy(bench.model)
+    depgraph.Pruner(b, criterion="l2", aggregate="sum", ratio=ratio, target="params", structure=structure,
+                    progress=False).prune()
+    sa, sb = a.model.state_dict(), b.state_dict()
+    same = sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+    return "identical" if same else "DIFFERENT"
+
+
+def run_depgraph_grid(bench: LlamaBench, rows: list[dict], best: dict[float, tuple[float, nn.Module, dict]]) -> str:
+    """All criterion x aggregation x structure x budget rows; keeps the best model per budget in ``best``."""
+    s = bench.settings
+    graph = depgraph.trace(bench.model)
+    verdict = check_fixed_scores(bench, graph, s.structures[0], s.ratios[0])
+    log(f"fixed-score path vs Pruner(criterion='l2'): {verdict}")
+    for crit in s.criteria:
+        t = time.perf_counter()
+        try:
+            scores = member_scores(graph, crit, calib=bench.calib, seed=s.seed, progress=False,
+                                   grad_budget=GRAD_BUDGET)
+        except Exception as exc:  # a failing criterion is a finding: record it, go on
+            rows.append({"section": "depgraph", "method": "depgraph", "criterion": crit, "status": "error",
+                         "error": f"{type(exc).__name__}: {exc}"})
+            log(f"{crit}: scoring FAILED {exc!r}")
+            continue
+        score_s = time.perf_counter() - t
+        aggs = ["sum"] if crit == "random" else s.aggregations
+        for agg in aggs:
+            per_group = {i: combine(scores[g], agg) for i, g in enumerate(graph.groups()) if scores[g]}
+            for structure in s.structures:
+                for ratio in s.ratios:
+                    fields = {"section": "depgraph", "method": "depgraph", "structure": structure,
+                              "criterion": crit, "aggregation": "any" if crit == "random" else agg,
+                              "budget": ratio}
+                    try:
+                        g2, report, cut_s = fixed_plan_pruner(graph, per_group, structure, ratio)
+                        row = bench.row(g2.model, **fields, score_s=score_s, prune_s=score_s + cut_s,
+                                        target=str(report.target))
+                    except Exception as exc:
+                        row = {**fields, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+                        traceback.print_exc()
+                    rows.append(row)
+                    log(f"depgraph {structure} {crit}/{agg} @{ratio:.0%}: ppl {row.get('ppl', float('nan')):.3f} "
+                        f"params -{row.get('removed_pct', float('nan')):.1f}% ({row.get('eval_s', 0):.1f}s eval)")
+                    if row["status"] == "ok" and (ratio not in best or row["ppl"] < best[ratio][0]):
+                        best[ratio] = (row["ppl"], g2.model, row)
+    if param_count(graph.model) != bench.params:
+        raise RuntimeError("the traced base model changed while pruning copies: the copies share parameters")
+    return verdict
+
+
+def run_depth(bench: LlamaBench, rows: list[dict]) -> None:
+    """Remove the nearest whole number of blocks to each budget, least important (1 - cos) first."""
+    from depgraph.depth import block_importance, find_blocks, remove_least_important
+
+    s = bench.settings
+    t = time.perf_counter()
+    scores = block_importance(bench.model, bench.calib, progress=False)
+    score_s = time.perf_counter() - t
+    _, blocks = find_blocks(bench.model)
+    per_block = sum(p.numel() for p in blocks[0].parameters())
+    for ratio in s.ratios:
+        n = min(max(round(ratio * bench.params / per_block), 1), len(blocks) - 1)
+        m = copy.deepcopy(bench.model)
+        t = time.perf_counter()
+        rep = remove_least_important(m, scores, n)
+        cut_s = time.perf_counter() - t
+        row = bench.row(m, section="depth", method="depgraph depth", structure="depth", criterion="block cos",
+                        aggregation="-", budget=ratio, score_s=score_s, prune_s=score_s + cut_s,
+                        note=f"removed blocks {list(rep.removed)} of {len(blocks)}; "
+                             f"importance {[round(float(x), 4) for x in scores]}")
+        rows.append(row)
+        log(f"depth @{ratio:.0%}: removed {list(rep.removed)} ppl {row['ppl']:.3f}")
+
+
+def run_sparse(bench: LlamaBench, rows: list[dict]) -> None:
+    """Unstructured / 2:4 masks (no parameter removed; dense kernels)."""
+    total = bench.params
+    for method, pattern in bench.settings.sparse:
+        m = copy.deepcopy(bench.model)
+        t = time.perf_counter()
+        rep = depgraph.sparsify(m, method=method, sparsity=0.5 if pattern == "unstructured" else None,
+                                pattern=pattern, calib=bench.calib, progress=False)
+        depgraph.make_permanent(m)
+        prune_s = time.perf_counter() - t
+        nz = nonzeros(m)
+        row = bench.row(m, section="sparse", method=f"sparsify {method}", structure=f"sparse {pattern}",
+                        criterion=method, aggregation="-", budget=0.5, prune_s=prune_s, nonzeros=nz,
+                        nonzero_pct=100.0 * nz / total,
+                        note=f"{sum(r.masked for r in rep.layers):,} weights zeroed in {len(rep.layers)} Linear "
+                             "layers (lm_head skipped); dense kernels")
+        rows.append(row)
+        log(f"sparse {method} {pattern}: ppl {row['ppl']:.3f} nonzeros {100 * nz / total:.1f}%")
+
+
+# ------------------------------------------------------------------------------------ Torch-Pruning
+
+
+def _tp_config(model: nn.Module, mode: str, ratio: float, imp_name: str) -> dict[str, Any]:
+    """Torch-Pruning ``BasePruner`` arguments for ``mode``: heads (its LLM recipe, block-wise), mlp or channel."""
+    import torch_pruning as tp
+
+    imp = tp.importance.MagnitudeImportance(p=2) if imp_name == "l2" else tp.importance.TaylorImportance()
+    kw: dict[str, Any] = dict(importance=imp, pruning_ratio=ratio, global_pruning=False,
+                              output_transform=lambda out: out.logits)
+    attn = [mod for name, mod in model.named_modules() if name.endswith("self_attn")]
+    if mode == "heads":  # LLM-Pruner-style block pruning: whole heads + MLP neurons, hidden width kept
+        num_heads = {}
+        for a in attn:
+            num_heads[a.q_proj] = model.config.num_attention_heads
+            num_heads[a.k_proj] = model.config.num_key_value_heads
+            num_heads[a.v_proj] = model.config.num_key_value_heads
+        kw.update(ignored_layers=[model.lm_head, model.model.embed_tokens], num_heads=num_heads,
+                  prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio)
+    elif mode == "mlp":  # MLP neurons only (attention left whole; the embedding pins the hidden width)
+        kw.update(ignored_layers=[model.lm_head, model.model.embed_tokens] + attn)
+    elif mode == "channel":  # hidden channels only: the only root is the embedding
+        kw.update(ignored_layers=[model.lm_head], root_module_types=[nn.Embedding])
+    else:
+        raise ValueError(mode)
+    return kw
+
+
+def _tp_prune(model: nn.Module, grads: dict[str, torch.Tensor] | None, mode: str, ratio: float,
+              imp_name: str) -> nn.Module:
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    if grads is not None:
+        for n, p in m.named_parameters():
+            p.grad = grads[n].clone()
+    ids = torch.arange(32)[None] % 256
+    pruner = tp.pruner.BasePruner(m, ids, **_tp_config(m, mode, ratio, imp_name))
+    pruner.step()
+    for p in m.parameters():
+        p.grad = None
+    if mode == "channel":
+        m.config.hidden_size = m.lm_head.in_features
+    if mode in ("mlp", "heads"):
+        m.config.intermediate_size = m.model.layers[0].mlp.up_proj.out_features
+    return m
+
+
+def tp_worker(spec: dict[str, Any]) -> None:
+    """Child process: prune with Torch-Pruning to each target parameter count, save the models."""
+    torch.set_num_threads(spec["threads"])
+    faulthandler.dump_traceback_later(max(spec["timeout"] - 10, 5), exit=True)  # show where a hang is
+    model, tok, _ = train_tiny_llama(spec["cache_dir"], quick=spec["quick"], verbose=False)
+    torch.set_num_threads(spec["threads"])
+    model.eval()
+    grads = None
+    t0 = time.perf_counter()
+    if spec["imp"] == "taylor":  # gradients of the calibration loss, the same batches depgraph scores with
+        train_ids = torch.tensor(tok.encode(read_text(default_text_path("valid"))), dtype=torch.long)
+        calib = calibration_batches(train_ids, n_samples=spec["calib_samples"], seq_len=spec["context"],
+                                    seed=spec["seed"], batch_size=spec["calib_batch"])
+        model.zero_grad(set_to_none=True)
+        for batch in calib:
+            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+    grad_s = time.perf_counter() - t0
+    for i, target in enumerate(spec["targets"]):
+        t = time.perf_counter()
+        lo, hi, best = 0.0, 0.95, None
+        for _ in range(spec["iters"]):  # parameter count is non-increasing in the ratio
+            mid = (lo + hi) / 2
+            m = _tp_prune(model, grads, spec["mode"], mid, spec["imp"])
+            n = param_count(m)
+            if best is None or abs(n - target) < abs(best[1] - target):
+                best = (mid, n, m)
+            if n > target:
+                lo = mid
+            else:
+                hi = mid
+        ratio, n, m = best
+        path = Path(spec["out"]) / f"tp-{i}.pt"
+        torch.save(m, path)
+        out = {"target": target, "params": n, "ratio": ratio, "path": str(path),
+               "prune_s": grad_s + time.perf_counter() - t}
+        print(TP_RESULT + json.dumps(out), flush=True)
+
+
+def _main_stack(err: str, frames: int = 3) -> str:
+    """The innermost ``frames`` frames of the worker's main thread from a faulthandler dump or a traceback."""
+    blocks: list[list[str]] = [[]]
+    for line in err.splitlines():
+        if line.startswith(("Thread 0x", "Current thread", "Traceback")):
+            blocks.append([])
+        elif line.strip().startswith("File "):
+            blocks[-1].append(line.strip())
+    main = [b for b in blocks if any("quality.py" in f for f in b)]
+    if not main:
+        return ""
+    stack = main[-1]
+    if not any(ln.startswith(("Thread 0x", "Current thread")) for ln in err.splitlines()):
+        stack = stack[::-1]  # a Python traceback lists the innermost frame last
+    out = []
+    for f in stack[:frames]:
+        path, _, rest = f.partition('", line ')
+        path = path.split("site-packages/")[-1].removeprefix('File "')
+        out.append(f"{path}:{rest}")
+    return " <- ".join(out)
+
+
+def run_tp(bench: LlamaBench, rows: list[dict], targets: dict[float, int],
+           best: dict[float, tuple[float, nn.Module, dict]], tmp: Path) -> None:
+    """Torch-Pruning rows: the LLM (heads) recipe first, then MLP-only and hidden-only configurations."""
+    s = bench.settings
+    modes = (["heads"] if s.tp_heads_timeout > 0 else []) + ["mlp"] + (["channel"] if "channel" in s.structures
+                                                                      else [])
+    for imp in s.tp_imps:
+        for mode in modes:
+            timeout = s.tp_heads_timeout if mode == "heads" else s.tp_timeout
+            spec = {"imp": imp, "mode": mode, "targets": [targets[r] for r in s.ratios], "quick": s.quick,
+                    "cache_dir": s.cache_dir, "threads": s.threads, "timeout": timeout, "iters": 12,
+                    "out": str(tmp), "calib_samples": s.calib_samples, "calib_batch": s.calib_batch,
+                    "context": s.context, "seed": s.seed}
+            label = {"l2": "Magnitude(L2)", "taylor": "Taylor"}[imp]
+            structure = {"heads": "block (heads+MLP)", "mlp": "MLP only", "channel": "channel"}[mode]
+            t = time.perf_counter()
+            env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+            try:
+                done = subprocess.run([sys.executable, str(HERE), "--tp-worker", json.dumps(spec)], capture_output=True,
+                                      text=True, timeout=timeout, env=env)
+                out, err, rc = done.stdout, done.stderr, done.returncode
+            except subprocess.TimeoutExpired as exc:
+                out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+                rc = "timeout"
+            wall = time.perf_counter() - t
+            results = [json.loads(line[len(TP_RESULT):]) for line in out.splitlines() if line.startswith(TP_RESULT)]
+            for ratio, res in zip(s.ratios, results):
+                m = torch.load(res["path"], weights_only=False)
+                m.eval()
+                row = bench.row(m, section="tp", method=f"Torch-Pruning {label}", structure=structure,
+                                criterion=f"tp {imp}", aggregation="tp mean", budget=ratio, prune_s=res["prune_s"],
+                                note=f"pruning_ratio {res['ratio']:.4f} (bisected to the depgraph row's "
+                                     f"parameter count {res['target']:,})")
+                rows.append(row)
+                log(f"TP {imp} {mode} @{ratio:.0%}: ppl {row['ppl']:.3f} params -{row['removed_pct']:.1f}%")
+                if ratio == s.ratios[0] and (ratio not in best or row["ppl"] < best[ratio][0]):
+                    best[ratio] = (row["ppl"], m, row)
+                Path(res["path"]).unlink(missing_ok=True)
+            if len(results) < len(s.ratios):
+                hung = rc == "timeout" or "Timeout (" in err
+                msg = (f"hang: no result within {wall:.0f} s" if hung else f"exit {rc} after {wall:.0f} s")
+                where = _main_stack(err)
+                if where:
+                    msg += f"; stuck in {where}" if hung else f"; in {where}"
+                last = [ln.strip() for ln in err.strip().splitlines() if ln.strip()][-1:]
+                if not hung and last:
+                    msg += f": {last[0][:300]}"
+                for ratio in s.ratios[len(results):]:
+                    rows.append({"section": "tp", "method": f"Torch-Pruning {label}", "structure": structure,
+                                 "criterion": f"tp {imp}", "aggregation": "tp mean", "budget": ratio,
+                                 "status": "timeout" if hung else "error", "error": msg})
+                log(f"TP {imp} {mode}: {msg}")
+
+
+# ----------------------------------------------------------------------------------------- recovery
+
+
+def _train_batches(train_ids: torch.Tensor, steps: int, batch: int, ctx: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(ctx + 1)
+    for _ in range(steps):
+        starts = torch.randint(0, train_ids.numel() - ctx - 1, (batch,), generator=gen)
+        yield train_ids[starts[:, None] + offsets]
+
+
+def _lr(step: int, steps: int, peak: float) -> float:
+    warm = max(1, steps // 10)
+    return peak * min(1.0, (step + 1) / warm)
+
+
+def recover_lora(bench: LlamaBench, model: nn.Module) -> tuple[nn.Module, list[float]]:
+    """LoRA (r=8, alpha=16, dropout 0.05) on every projection, next-token loss; merged back after."""
+    from peft import LoraConfig, get_peft_model
+
+    s = bench.settings
+    torch.manual_seed(s.seed)
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none")
+    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lora_lr, weight_decay=0.0)
+    peft_model.train()
+    losses = []
+    for step, batch in enumerate(_train_batches(bench.train_ids, s.recovery_steps, s.recovery_batch, s.context,
+                                                s.seed + 1)):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, s.recovery_steps, s.lora_lr)
+        logits = peft_model(input_ids=batch[:, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    return merged, losses
+
+
+def recover_kd(bench: LlamaBench, model: nn.Module) -> tuple[nn.Module, list[float]]:
+    """Knowledge distillation: KL(teacher || student) on every position, temperature 1, all parameters."""
+    s = bench.settings
+    torch.manual_seed(s.seed)
+    student = copy.deepcopy(model)
+    student.train()
+    teacher = bench.model
+    opt = torch.optim.AdamW(student.parameters(), lr=s.kd_lr, weight_decay=0.0)
+    losses = []
+    for step, batch in enumerate(_train_batches(bench.train_ids, s.recovery_steps, s.recovery_batch, s.context,
+                                                s.seed + 1)):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, s.recovery_steps, s.kd_lr)
+        x = batch[:, :-1]
+        with torch.no_grad():
+            t_logp = F.log_softmax(teacher(input_ids=x, use_cache=False).logits.float(), -1)
+        s_logp = F.log_softmax(student(input_ids=x, use_cache=False).logits.float(), -1)
+        loss = F.kl_div(s_logp.reshape(-1, s_logp.shape[-1]), t_logp.reshape(-1, t_logp.shape[-1]),
+                        log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    student.eval()
+    return student, losses
+
+
+def run_recovery(bench: LlamaBench, candidates: list[tuple[str, nn.Module, dict]]) -> list[dict]:
+    """LoRA and KD on each candidate (label, pruned model, its row); perplexity before and after."""
+    s = bench.settings
+    out = []
+    for label, model, row in candidates:
+        for kind, fn in (("LoRA r=8 a=16", recover_lora), ("KD (KL, T=1)", recover_kd)):
+            t = time.perf_counter()
+            try:
+                rec, losses = fn(bench, model)
+                ppl = bench.ppl(rec)
+                entry = {"model": label, "recovery": kind, "steps": s.recovery_steps, "budget": row["budget"],
+                         "params": param_count(rec), "removed_pct": row["removed_pct"], "ppl_before": row["ppl"],
+                         "ppl_after": ppl, "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:]),
+                         "time_s": time.perf_counter() - t, "status": "ok"}
+            except Exception as exc:
+                traceback.print_exc()
+                entry = {"model": label, "recovery": kind, "steps": s.recovery_steps, "budget": row["budget"],
+                         "ppl_before": row["ppl"], "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+            out.append(entry)
+            log(f"recovery {label} {kind}: {entry.get('ppl_before', 0):.3f} -> {entry.get('ppl_after', float('nan')):.3f} "
+                f"({entry.get('time_s', 0):.0f}s)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ MiniLM
+
+
+def run_minilm(s: Settings) -> dict[str, Any]:
+    """A/B pruning of the pretrained all-MiniLM-L6-v2 at encoder-relative budgets; embedding agreement."""
+    from depgraph.evaluate import embedding_agreement, load_minilm, sentence_embeddings, wikitext_sentences
+
+    model, tok = load_minilm()
+    model.eval()
+    total = param_count(model)
+    embed = sum(p.numel() for n, p in model.named_parameters() if n.startswith("embeddings."))
+    encoder = total - embed
+    sents = wikitext_sentences("test", n=s.minilm_sentences, seed=s.seed)
+    calib_sents = wikitext_sentences("valid", n=s.calib_samples, seed=s.seed)
+    calib = []
+    for i in range(0, len(calib_sents), s.calib_batch):
+        enc = tok(calib_sents[i:i + s.calib_batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        calib.append(dict(enc))
+    ref = sentence_embeddings(model, tok, sents)
+    costs = CostCache(model, encoder_macs, lambda m: encoder_latency_ms(m, s.latency_repeats), s.latency_rounds)
+    graph = depgraph.trace(model)
+    rows = []
+    by_crit: dict[str, list[str]] = {}
+    for crit, agg in s.minilm_settings:
+        by_crit.setdefault(crit, []).append(agg)
+    for crit, aggs in by_crit.items():
+        t = time.perf_counter()
+        scores = member_scores(graph, crit, calib=calib, seed=s.seed, progress=False)
+        score_s = time.perf_counter() - t
+        for agg in aggs:
+            per_group = {i: combine(scores[g], agg) for i, g in enumerate(graph.groups()) if scores[g]}
+            for ratio in s.ratios:
+                total_ratio = ratio * encoder / total
+                g2, report, cut_s = fixed_plan_pruner(graph, per_group, "block", total_ratio)
+                t = time.perf_counter()
+                n = param_count(g2.model)
+                agree = embedding_agreement(ref, sentence_embeddings(g2.model, tok, sents))
+                row = {"section": "minilm", "method": "depgraph", "structure": "block", "criterion": crit,
+                       "aggregation": "any" if crit == "random" else agg, "budget": ratio, "params": n,
+                       "removed_pct": 100.0 * (1 - n / total),
+                       "removed_encoder_pct": 100.0 * (total - n) / encoder, **costs(g2.model), **agree,
+                       "score_s": score_s, "prune_s": score_s + cut_s, "status": "ok"}
+                row["eval_s"] = time.perf_counter() - t
+                rows.append(row)
+                log(f"MiniLM {crit}/{agg} @{ratio:.0%} of encoder: cos {agree['mean_cosine']:.4f} "
+                    f"spearman {agree['spearman']:.4f}")
+    return {"params": total, "embedding_params": embed, "encoder_params": encoder, "sentences": len(sents),
+            "calib_sentences": len(calib_sents), "macs": costs.base_macs, "rows": rows,
+            "taylor": "not run: the encoder has no training loss here (no MLM head in the checkpoint); "
+                      "the criteria that need a loss need a task"}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _f(x: Any, fmt: str = "{:.3f}") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return fmt.format(x)
+
+
+def _table(header: Sequence[str], body: list[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def llama_table(rows: list[dict], base: dict) -> str:
+    header = ["method", "structure", "criterion", "aggregation", "budget", "params (removed)", "non-zeros",
+              "MACs (% of base)", "latency × base", "ppl", "time s", "note"]
+    body = [["unpruned", "-", "-", "-", "-", f"{base['params']:,} (0.0%)", "-", f"{base['macs']:,} (100%)", "1.00",
+             _f(base["ppl"]), "-", ""]]
+    for r in rows:
+        if r.get("status") != "ok":
+            body.append([r.get("method", ""), r.get("structure", "-"), r.get("criterion", ""),
+                         r.get("aggregation", "-"), _f(r.get("budget"), "{:.0%}"), "-", "-", "-", "-",
+                         f"**{r['status']}**", "-", r.get("error", "")[:400]])
+            continue
+        nz = f"{r['nonzero_pct']:.1f}% (sparse)" if "nonzero_pct" in r else "-"
+        body.append([r["method"], r["structure"], r["criterion"], r["aggregation"], _f(r["budget"], "{:.0%}"),
+                     f"{r['params']:,} ({r['removed_pct']:.1f}%)", nz, f"{r['macs']:,} ({r['macs_pct']:.1f}%)",
+                     _f(r["latency_rel"], "{:.2f}"), _f(r["ppl"]), _f(r.get("prune_s"), "{:.1f}"),
+                     r.get("note", "")])
+    return _table(header, body)
+
+
+def pivot_tables(rows: list[dict], s: Settings) -> str:
+    """Perplexity per criterion (rows) x aggregation (columns), one table per structure and budget."""
+    out = []
+    for structure in s.structures:
+        for ratio in s.ratios:
+            sel = {(r["criterion"], r["aggregation"]): r for r in rows
+                   if r.get("section") == "depgraph" and r.get("status") == "ok" and r["structure"] == structure
+                   and r["budget"] == ratio}
+            if not sel:
+                continue
+            body = []
+            for crit in s.criteria:
+                if crit == "random":
+                    r = sel.get(("random", "any"))
+                    body.append([crit] + [_f(r["ppl"]) if r else "-"] * len(s.aggregations))
+                    continue
+                vals = [sel.get((crit, a), {}).get("ppl") for a in s.aggregations]
+                ok = [v for v in vals if v is not None]
+                lo = min(ok) if ok else None
+                body.append([crit] + [("**" + _f(v) + "**") if v is not None and v == lo and len(ok) > 1 else _f(v)
+                                      for v in vals])
+            out.append(f"Perplexity, depgraph {structure}-wise, {ratio:.0%} of parameters "
+                       f"(bold: the criterion's best aggregation)\n\n" + _table(["criterion", *s.aggregations], body))
+    return "\n\n".join(out)
+
+
+def aggregation_summary(rows: list[dict], s: Settings) -> list[dict]:
+    """Per aggregation: wins, mean rank and geometric-mean perplexity ratio to ``sum`` over every
+    (criterion except random, structure, budget) cell."""
+    cells: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("section") == "depgraph" and r.get("status") == "ok" and r["criterion"] != "random":
+            cells.setdefault((r["criterion"], r["structure"], r["budget"]), {})[r["aggregation"]] = r["ppl"]
+    full = [c for c in cells.values() if all(a in c for a in s.aggregations)]
+    out = []
+    for a in s.aggregations:
+        if not full:
+            break
+        ranks = [sorted(c.values()).index(c[a]) + 1 for c in full]
+        wins = sum(1 for c in full if c[a] == min(c.values()))
+        logr = [math.log(c[a] / c["sum"]) for c in full] if "sum" in s.aggregations else []
+        out.append({"aggregation": a, "cells": len(full), "wins": wins, "mean_rank": sum(ranks) / len(ranks),
+                    "geo_mean_ppl_vs_sum": math.exp(sum(logr) / len(logr)) if logr else None,
+                    "geo_mean_ppl": math.exp(sum(math.log(c[a]) for c in full) / len(full))})
+    return out
+
+
+def recovery_table(entries: list[dict]) -> str:
+    body = []
+    for e in entries:
+        body.append([e["model"], e["recovery"], str(e["steps"]), _f(e.get("budget"), "{:.0%}"),
+                     _f(e.get("removed_pct"), "{:.1f}%"), _f(e.get("ppl_before")),
+                     _f(e.get("ppl_after")) if e["status"] == "ok" else f"**{e['status']}** {e.get('error', '')}",
+                     _f(e.get("time_s"), "{:.0f}")])
+    return _table(["pruned model", "recovery", "steps", "budget", "removed", "ppl before", "ppl after", "time s"],
+                  body)
+
+
+def minilm_table(mini: dict) -> str:
+    body = [["unpruned", "-", "-", f"{mini['params']:,} (0.0% / 0.0%)", f"{mini['macs']:,} (100%)", "1.00",
+             "1.0000", "1.0000", "-"]]
+    for r in mini["rows"]:
+        body.append([r["criterion"], r["aggregation"], _f(r["budget"], "{:.0%}"),
+                     f"{r['params']:,} ({r['removed_encoder_pct']:.1f}% / {r['removed_pct']:.1f}%)",
+                     f"{r['macs']:,} ({r['macs_pct']:.1f}%)", _f(r["latency_rel"], "{:.2f}"),
+                     _f(r["mean_cosine"], "{:.4f}"), _f(r["spearman"], "{:.4f}"), _f(r["prune_s"], "{:.1f}")])
+    return _table(["criterion", "aggregation", "budget (of encoder)", "params (removed: encoder / total)",
+                   "MACs", "latency × base", "mean cosine", "Spearman", "time s"], body)
+
+
+def render(result: dict[str, Any], s: Settings) -> str:
+    meta, llama = result["meta"], result["llama"]
+    parts = [f"## Pruning quality ({'quick' if s.quick else 'full'} mode)\n",
+             f"{meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}, "
+             f"torch-pruning {meta['torch_pruning']}, peft {meta['peft']}; {meta['threads']} torch threads; "
+             f"total {meta['wall_s']:.0f} s.\n"]
+    if llama:
+        b = llama["base"]
+        parts.append(
+            f"### Tiny Llama ({'quick' if s.quick else 'full'}: {b['params']:,} params, "
+            f"{b['layers']} layers)\n\nPerplexity on the first {s.eval_tokens:,} bytes of WikiText-2 test.txt, "
+            f"context {s.context} (non-overlapping windows); unpruned {b['ppl']:.3f}. Calibration: "
+            f"{s.calib_samples} x {s.context} bytes of valid.txt (seed {s.seed}). Latency: [1, {s.context}] CPU "
+            f"forward, median of {s.latency_rounds} interleaved rounds x {s.latency_repeats} (unpruned "
+            f"{b['latency_ms']:.1f} ms); MACs of the same forward. Fixed-score path check: "
+            f"{llama['fixed_score_check']}.\n")
+        piv = pivot_tables(llama["rows"], s)
+        if piv:
+            parts.append(piv + "\n")
+        agg = llama.get("aggregation_summary") or []
+        if agg:
+            parts.append("Aggregations over every (criterion except random, structure, budget) cell:\n\n" + _table(
+                ["aggregation", "cells", "wins", "mean rank", "geo-mean ppl", "ppl ÷ sum (geo-mean)"],
+                [[a["aggregation"], a["cells"], a["wins"], _f(a["mean_rank"], "{:.2f}"), _f(a["geo_mean_ppl"]),
+                  _f(a["geo_mean_ppl_vs_sum"], "{:.3f}")] for a in agg]) + "\n")
+        parts.append("All rows:\n\n" + llama_table(llama["rows"], b) + "\n")
+        if llama.get("best"):
+            parts.append("Best per budget: " + "; ".join(
+                f"{k}: {v['method']} {v['structure']} {v['criterion']}/{v['aggregation']} ppl {v['ppl']:.3f}"
+                for k, v in llama["best"].items()) + "\n")
+    if result.get("recovery"):
+        parts.append(f"### Recovery ({s.recovery_steps} steps, batch {s.recovery_batch} x {s.context}, "
+                     f"LoRA lr {s.lora_lr:g}, KD lr {s.kd_lr:g})\n\n" + recovery_table(result["recovery"]) + "\n")
+    mini = result.get("minilm")
+    if mini:
+        parts.append(f"### all-MiniLM-L6-v2 (A+B pruning; {mini['sentences']} WikiText-2 test sentences)\n\n"
+                     f"{mini['params']:,} params, of which {mini['embedding_params']:,} embeddings and "
+                     f"{mini['encoder_params']:,} encoder layers; budgets are fractions of the encoder layers. "
+                     f"Taylor: {mini['taylor']}.\n\n" + minilm_table(mini) + "\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    for mod in ("torch_pruning", "peft", "depgraph"):
+        try:
+            out[mod] = getattr(__import__(mod), "__version__", "?")
+        except ImportError:
+            out[mod] = "missing"
+    return out
+
+
+def run(s: Settings) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    result: dict[str, Any] = {"meta": {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                                       **versions(), "threads": s.threads, "cpu_count": os.cpu_count(),
+                                       "settings": {k: v for k, v in vars(s).items()}},
+                              "llama": None, "recovery": [], "minilm": None}
+    if "llama" not in s.skip:
+        bench = setup_llama(s)
+        base_lat = latency_ms(bench.model, s.context, repeats=s.latency_repeats, warmup=1)
+        layers = bench.model.config.num_hidden_layers
+        log(f"tiny Llama: {bench.params:,} params, test ppl {bench.base_ppl:.3f} on {s.eval_tokens} bytes")
+        rows: list[dict] = []
+        best: dict[float, tuple[float, nn.Module, dict]] = {}
+        verdict = run_depgraph_grid(bench, rows, best)
+        dg_best = dict(best)
+        if s.depth and "depth" not in s.skip:
+            run_depth(bench, rows)
+        if "sparse" not in s.skip:
+            run_sparse(bench, rows)
+        tp_best: dict[float, tuple[float, nn.Module, dict]] = {}
+        if "tp" not in s.skip and s.tp_imps:
+            targets = {r: dg_best[r][2]["params"] for r in s.ratios if r in dg_best}
+            with tempfile.TemporaryDirectory(prefix="quality-tp-") as tmp:
+                run_tp(bench, rows, targets, tp_best, Path(tmp))
+        result["llama"] = {
+            "base": {"params": bench.params, "ppl": bench.base_ppl, "macs": bench.costs.base_macs,
+                     "latency_ms": base_lat, "layers": layers, "info": {k: v for k, v in bench.info.items()
+                                                                        if k != "path"}},
+            "fixed_score_check": verdict, "rows": rows,
+            "best": {f"{r:.0%}": v[2] for r, v in sorted(dg_best.items())},
+            "tp_best": {f"{r:.0%}": v[2] for r, v in sorted(tp_best.items())},
+            "aggregation_summary": aggregation_summary(rows, s),
+        }
+        if "recovery" not in s.skip and s.recovery_steps > 0:
+            r0 = s.ratios[0]
+            cands = []
+            if r0 in dg_best:
+                b = dg_best[r0]
+                cands.append((f"depgraph {b[2]['structure']} {b[2]['criterion']}/{b[2]['aggregation']}", b[1], b[2]))
+            if r0 in tp_best:
+                b = tp_best[r0]
+                cands.append((f"{b[2]['method']} {b[2]['structure']}", b[1], b[2]))
+            result["recovery"] = run_recovery(bench, cands)
+    if "minilm" not in s.skip and s.minilm_settings:
+        result["minilm"] = run_minilm(s)
+    result["meta"]["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the < 5 minute smoke configuration")
+    parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--md", default=None, help="also write the markdown report here")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=None, help="tiny Llama cache (default: common.default_cache_dir())")
+    parser.add_argument("--criteria", default=None, help="comma list, overrides the mode's")
+    parser.add_argument("--aggregations", default=None, help="comma list")
+    parser.add_argument("--ratios", default=None, help="comma list of parameter fractions, e.g. 0.2,0.5")
+    parser.add_argument("--structures", default=None, help="comma list of block,channel")
+    parser.add_argument("--tp-imps", dest="tp_imps", default=None, help="comma list of l2,taylor ('' = none)")
+    parser.add_argument("--tp-heads-timeout", type=float, default=None,
+                        help="seconds for Torch-Pruning's heads recipe (0 = skip it)")
+    parser.add_argument("--eval-tokens", type=int, default=None)
+    parser.add_argument("--calib-samples", type=int, default=None)
+    parser.add_argument("--recovery-steps", type=int, default=None)
+    parser.add_argument("--minilm-sentences", type=int, default=None)
+    parser.add_argument("--skip", default=None, help="comma list of llama,depth,sparse,tp,recovery,minilm")
+    parser.add_argument("--tp-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.tp_worker:
+        tp_worker(json.loads(args.tp_worker))
+        return
+    s = make_settings(args)
+    result = run(s)
+    text = render(result, s)
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
