@@ -367,7 +367,11 @@ def _pin_head_dim(config, edits: list[Edit]) -> bool:
     """Keep ``head_dim`` explicit before head counts or hidden size change (it defaults to their ratio)."""
     heads = _safe_get(config, "num_attention_heads")
     hidden = _safe_get(config, "hidden_size")
-    if _safe_get(config, "head_dim") is None and isinstance(heads, int) and isinstance(hidden, int) and heads:
+    try:
+        head_dim = getattr(config, "head_dim", None)
+    except Exception:  # per-layer head_dim (Gemma-4): each layer's config already states it
+        return True
+    if head_dim is None and isinstance(heads, int) and isinstance(hidden, int) and heads:
         edits.append((config, "head_dim", hidden // heads))
     return True
 
