@@ -87,6 +87,9 @@ AGGREGATIONS = ("sum", "product", "max", "last", "mean")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GRAD_BUDGET = 1 << 40  # one set of calibration passes for Taylor (the model is tiny)
 TP_RESULT = "TP-RESULT "
+# "mlp" (A only) is not one of depgraph's structures: it is Pruner(kinds=["A"]), the like-for-like
+# comparison with Torch-Pruning's MLP-only configuration
+STRUCT_KINDS: dict[str, tuple[str, ...]] = {**STRUCTURES, "mlp": ("A",)}
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -119,7 +122,7 @@ class Settings:
     minilm_settings: list[tuple[str, str]]
     minilm_sentences: int
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     cache_dir: str | None = None
     skip: list[str] = field(default_factory=list)
 
@@ -139,10 +142,11 @@ def make_settings(args: argparse.Namespace) -> Settings:
         minilm += [(c, a) for c in ("l2", "activation") for a in ("product", "max", "last", "mean")]
         s = Settings(
             quick=False, criteria=list(CRITERIA), aggregations=list(AGGREGATIONS), ratios=[0.2, 0.5],
-            structures=["block", "channel"], eval_tokens=8192, context=SEQ_LEN, calib_samples=32, calib_batch=8,
-            latency_rounds=3, latency_repeats=5, tp_imps=["l2", "taylor"], tp_timeout=900, tp_heads_timeout=90,
+            structures=["block", "mlp", "channel"], eval_tokens=8192, context=SEQ_LEN, calib_samples=32,
+            calib_batch=8,
+            latency_rounds=3, latency_repeats=5, tp_imps=["l2", "taylor"], tp_timeout=900, tp_heads_timeout=60,
             depth=True, sparse=[(m, p) for m in ("magnitude", "wanda") for p in ("unstructured", "2:4")],
-            recovery_steps=300, recovery_batch=8, lora_lr=1e-3, kd_lr=3e-4, minilm_settings=minilm,
+            recovery_steps=150, recovery_batch=8, lora_lr=1e-3, kd_lr=3e-4, minilm_settings=minilm,
             minilm_sentences=256,
         )
     for name in ("criteria", "aggregations", "structures", "tp_imps"):
@@ -303,11 +307,11 @@ def fixed_plan_pruner(graph: depgraph.DependencyGraph, per_group: dict[int, torc
                       ratio: float) -> tuple[depgraph.DependencyGraph, depgraph.PruneReport, float]:
     """Copy ``graph`` (and its model), prune it with fixed per-group scores (by group index); time the cut."""
     g2 = copy.deepcopy(graph)
-    kinds = {GroupKind(k) for k in STRUCTURES[structure]}
+    kinds = {GroupKind(k) for k in STRUCT_KINDS[structure]}
     groups = g2.groups()
     fixed = {groups[i]: s for i, s in per_group.items() if groups[i].kind in kinds}
     t = time.perf_counter()
-    report = depgraph.Pruner(g2, criterion=fixed, ratio=ratio, target="params", structure=structure,
+    report = depgraph.Pruner(g2, criterion=fixed, ratio=ratio, target="params", kinds=sorted(k.value for k in kinds),
                              progress=False).prune()
     return g2, report, time.perf_counter() - t
 
@@ -318,8 +322,8 @@ def check_fixed_scores(bench: LlamaBench, graph: depgraph.DependencyGraph, struc
     per_group = {i: combine(scores[g], "sum") for i, g in enumerate(graph.groups())}
     a, _, _ = fixed_plan_pruner(graph, per_group, structure, ratio)
     b = copy.deepcopy(bench.model)
-    depgraph.Pruner(b, criterion="l2", aggregate="sum", ratio=ratio, target="params", structure=structure,
-                    progress=False).prune()
+    depgraph.Pruner(b, criterion="l2", aggregate="sum", ratio=ratio, target="params",
+                    kinds=list(STRUCT_KINDS[structure]), progress=False).prune()
     sa, sb = a.model.state_dict(), b.state_dict()
     same = sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
     return "identical" if same else "DIFFERENT"
@@ -614,6 +618,8 @@ def recover_lora(bench: LlamaBench, model: nn.Module) -> tuple[nn.Module, list[f
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            log(f"  LoRA step {step + 1}/{s.recovery_steps} loss {loss.item():.4f}")
     merged = peft_model.merge_and_unload()
     merged.eval()
     return merged, losses
@@ -642,6 +648,8 @@ def recover_kd(bench: LlamaBench, model: nn.Module) -> tuple[nn.Module, list[flo
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            log(f"  KD step {step + 1}/{s.recovery_steps} KL {loss.item():.4f}")
     student.eval()
     return student, losses
 
@@ -939,13 +947,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the < 5 minute smoke configuration")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--md", default=None, help="also write the markdown report here")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core box 2 threads made a training step 8-14x "
+                             "slower than 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="tiny Llama cache (default: common.default_cache_dir())")
     parser.add_argument("--criteria", default=None, help="comma list, overrides the mode's")
     parser.add_argument("--aggregations", default=None, help="comma list")
     parser.add_argument("--ratios", default=None, help="comma list of parameter fractions, e.g. 0.2,0.5")
-    parser.add_argument("--structures", default=None, help="comma list of block,channel")
+    parser.add_argument("--structures", default=None, help="comma list of block (A+B), mlp (A), channel (C)")
     parser.add_argument("--tp-imps", dest="tp_imps", default=None, help="comma list of l2,taylor ('' = none)")
     parser.add_argument("--tp-heads-timeout", type=float, default=None,
                         help="seconds for Torch-Pruning's heads recipe (0 = skip it)")
