@@ -87,6 +87,7 @@ AGGREGATIONS = ("sum", "product", "max", "last", "mean")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GRAD_BUDGET = 1 << 40  # one set of calibration passes for Taylor (the model is tiny)
 TP_RESULT = "TP-RESULT "
+TP_STAGE = "TP-STAGE "
 # "mlp" (A only) is not one of depgraph's structures: it is Pruner(kinds=["A"]), the like-for-like
 # comparison with Torch-Pruning's MLP-only configuration
 STRUCT_KINDS: dict[str, tuple[str, ...]] = {**STRUCTURES, "mlp": ("A",)}
@@ -135,18 +136,18 @@ def make_settings(args: argparse.Namespace) -> Settings:
             structures=["block"], eval_tokens=1024, context=SEQ_LEN, calib_samples=8, calib_batch=4,
             latency_rounds=2, latency_repeats=3, tp_imps=["l2"], tp_timeout=150, tp_heads_timeout=0, depth=True,
             sparse=[("magnitude", "unstructured"), ("wanda", "2:4")], recovery_steps=20, recovery_batch=8,
-            lora_lr=1e-3, kd_lr=3e-4, minilm_settings=[("random", "sum"), ("wanda", "sum")], minilm_sentences=64,
+            lora_lr=1e-3, kd_lr=1e-4, minilm_settings=[("random", "sum"), ("wanda", "sum")], minilm_sentences=64,
         )
     else:
         minilm = [(c, "sum") for c in ("random", "l1", "l2", "wanda", "activation")]
         minilm += [(c, a) for c in ("l2", "activation") for a in ("product", "max", "last", "mean")]
         s = Settings(
             quick=False, criteria=list(CRITERIA), aggregations=list(AGGREGATIONS), ratios=[0.2, 0.5],
-            structures=["block", "mlp", "channel"], eval_tokens=8192, context=SEQ_LEN, calib_samples=32,
+            structures=["block", "mlp", "channel"], eval_tokens=16384, context=SEQ_LEN, calib_samples=32,
             calib_batch=8,
-            latency_rounds=3, latency_repeats=5, tp_imps=["l2", "taylor"], tp_timeout=900, tp_heads_timeout=60,
+            latency_rounds=7, latency_repeats=5, tp_imps=["l2", "taylor"], tp_timeout=900, tp_heads_timeout=60,
             depth=True, sparse=[(m, p) for m in ("magnitude", "wanda") for p in ("unstructured", "2:4")],
-            recovery_steps=150, recovery_batch=8, lora_lr=1e-3, kd_lr=3e-4, minilm_settings=minilm,
+            recovery_steps=300, recovery_batch=8, lora_lr=1e-3, kd_lr=1e-4, minilm_settings=minilm,
             minilm_sentences=256,
         )
     for name in ("criteria", "aggregations", "structures", "tp_imps"):
@@ -329,8 +330,9 @@ def check_fixed_scores(bench: LlamaBench, graph: depgraph.DependencyGraph, struc
     return "identical" if same else "DIFFERENT"
 
 
-def run_depgraph_grid(bench: LlamaBench, rows: list[dict], best: dict[float, tuple[float, nn.Module, dict]]) -> str:
-    """All criterion x aggregation x structure x budget rows; keeps the best model per budget in ``best``."""
+def run_depgraph_grid(bench: LlamaBench, rows: list[dict], best: dict[Any, tuple[float, nn.Module, dict]]) -> str:
+    """All criterion x aggregation x structure x budget rows; keeps the best model per budget (key: ratio)
+    and per structure and budget (key: ``(structure, ratio)``) in ``best``."""
     s = bench.settings
     graph = depgraph.trace(bench.model)
     verdict = check_fixed_scores(bench, graph, s.structures[0], s.ratios[0])
@@ -364,8 +366,10 @@ def run_depgraph_grid(bench: LlamaBench, rows: list[dict], best: dict[float, tup
                     rows.append(row)
                     log(f"depgraph {structure} {crit}/{agg} @{ratio:.0%}: ppl {row.get('ppl', float('nan')):.3f} "
                         f"params -{row.get('removed_pct', float('nan')):.1f}% ({row.get('eval_s', 0):.1f}s eval)")
-                    if row["status"] == "ok" and (ratio not in best or row["ppl"] < best[ratio][0]):
-                        best[ratio] = (row["ppl"], g2.model, row)
+                    if row["status"] == "ok":
+                        for key in (ratio, (structure, ratio)):  # overall and per structure
+                            if key not in best or row["ppl"] < best[key][0]:
+                                best[key] = (row["ppl"], g2.model, row)
     if param_count(graph.model) != bench.params:
         raise RuntimeError("the traced base model changed while pruning copies: the copies share parameters")
     return verdict
@@ -452,7 +456,9 @@ def _tp_prune(model: nn.Module, grads: dict[str, torch.Tensor] | None, mode: str
         for n, p in m.named_parameters():
             p.grad = grads[n].clone()
     ids = torch.arange(32)[None] % 256
+    print(f"{TP_STAGE}BasePruner.__init__ (dependency graph and groups)", flush=True)
     pruner = tp.pruner.BasePruner(m, ids, **_tp_config(m, mode, ratio, imp_name))
+    print(f"{TP_STAGE}BasePruner.step", flush=True)
     pruner.step()
     for p in m.parameters():
         p.grad = None
@@ -466,7 +472,7 @@ def _tp_prune(model: nn.Module, grads: dict[str, torch.Tensor] | None, mode: str
 def tp_worker(spec: dict[str, Any]) -> None:
     """Child process: prune with Torch-Pruning to each target parameter count, save the models."""
     torch.set_num_threads(spec["threads"])
-    faulthandler.dump_traceback_later(max(spec["timeout"] - 10, 5), exit=True)  # show where a hang is
+    faulthandler.dump_traceback_later(max(spec["timeout"] * 0.8, 5), exit=True)  # show where a hang is
     model, tok, _ = train_tiny_llama(spec["cache_dir"], quick=spec["quick"], verbose=False)
     torch.set_num_threads(spec["threads"])
     model.eval()
@@ -567,6 +573,9 @@ def run_tp(bench: LlamaBench, rows: list[dict], targets: dict[float, int],
             if len(results) < len(s.ratios):
                 hung = rc == "timeout" or "Timeout (" in err
                 msg = (f"hang: no result within {wall:.0f} s" if hung else f"exit {rc} after {wall:.0f} s")
+                stages = [ln[len(TP_STAGE):] for ln in out.splitlines() if ln.startswith(TP_STAGE)]
+                if stages:
+                    msg += f" in {stages[-1]}"
                 where = _main_stack(err)
                 if where:
                     msg += f"; stuck in {where}" if hung else f"; in {where}"
@@ -654,27 +663,33 @@ def recover_kd(bench: LlamaBench, model: nn.Module) -> tuple[nn.Module, list[flo
     return student, losses
 
 
-def run_recovery(bench: LlamaBench, candidates: list[tuple[str, nn.Module, dict]]) -> list[dict]:
-    """LoRA and KD on each candidate (label, pruned model, its row); perplexity before and after."""
+def run_recovery(bench: LlamaBench, candidates: list[tuple[str, nn.Module, dict]],
+                 control: tuple[str, nn.Module, dict] | None = None) -> list[dict]:
+    """LoRA and KD on each candidate (label, pruned model, its row); perplexity before and after.
+
+    ``control``: the unpruned model gets the same LoRA run (KD to itself is a no-op), which separates
+    recovering from pruning from simply training the (small, briefly trained) model further.
+    """
     s = bench.settings
     out = []
-    for label, model, row in candidates:
-        for kind, fn in (("LoRA r=8 a=16", recover_lora), ("KD (KL, T=1)", recover_kd)):
-            t = time.perf_counter()
-            try:
-                rec, losses = fn(bench, model)
-                ppl = bench.ppl(rec)
-                entry = {"model": label, "recovery": kind, "steps": s.recovery_steps, "budget": row["budget"],
-                         "params": param_count(rec), "removed_pct": row["removed_pct"], "ppl_before": row["ppl"],
-                         "ppl_after": ppl, "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:]),
-                         "time_s": time.perf_counter() - t, "status": "ok"}
-            except Exception as exc:
-                traceback.print_exc()
-                entry = {"model": label, "recovery": kind, "steps": s.recovery_steps, "budget": row["budget"],
-                         "ppl_before": row["ppl"], "status": "error", "error": f"{type(exc).__name__}: {exc}"}
-            out.append(entry)
-            log(f"recovery {label} {kind}: {entry.get('ppl_before', 0):.3f} -> {entry.get('ppl_after', float('nan')):.3f} "
-                f"({entry.get('time_s', 0):.0f}s)")
+    runs = [(c, kind) for c in candidates for kind in ("lora", "kd")] + ([(control, "lora")] if control else [])
+    for (label, model, row), which in runs:
+        kind, fn = {"lora": ("LoRA r=8 a=16", recover_lora), "kd": ("KD (KL, T=1)", recover_kd)}[which]
+        t = time.perf_counter()
+        try:
+            rec, losses = fn(bench, model)
+            ppl = bench.ppl(rec)
+            entry = {"model": label, "recovery": kind, "steps": s.recovery_steps, "budget": row["budget"],
+                     "params": param_count(rec), "removed_pct": row["removed_pct"], "ppl_before": row["ppl"],
+                     "ppl_after": ppl, "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:]),
+                     "time_s": time.perf_counter() - t, "status": "ok"}
+        except Exception as exc:
+            traceback.print_exc()
+            entry = {"model": label, "recovery": kind, "steps": s.recovery_steps, "budget": row["budget"],
+                     "ppl_before": row["ppl"], "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        out.append(entry)
+        log(f"recovery {label} {kind}: {entry.get('ppl_before', 0):.3f} -> "
+            f"{entry.get('ppl_after', float('nan')):.3f} ({entry.get('time_s', 0):.0f}s)")
     return out
 
 
@@ -791,23 +806,26 @@ def pivot_tables(rows: list[dict], s: Settings) -> str:
 
 
 def aggregation_summary(rows: list[dict], s: Settings) -> list[dict]:
-    """Per aggregation: wins, mean rank and geometric-mean perplexity ratio to ``sum`` over every
-    (criterion except random, structure, budget) cell."""
+    """Per scope (every structure, then each one) and aggregation: wins (ties count for each tied
+    aggregation), mean rank, geometric-mean perplexity and its ratio to ``sum``, over the
+    (criterion except random, structure, budget) cells that have every aggregation."""
     cells: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if r.get("section") == "depgraph" and r.get("status") == "ok" and r["criterion"] != "random":
             cells.setdefault((r["criterion"], r["structure"], r["budget"]), {})[r["aggregation"]] = r["ppl"]
-    full = [c for c in cells.values() if all(a in c for a in s.aggregations)]
     out = []
-    for a in s.aggregations:
+    for scope in ["all", *s.structures]:
+        full = [c for k, c in cells.items() if (scope == "all" or k[1] == scope) and all(a in c for a in s.aggregations)]
         if not full:
-            break
-        ranks = [sorted(c.values()).index(c[a]) + 1 for c in full]
-        wins = sum(1 for c in full if c[a] == min(c.values()))
-        logr = [math.log(c[a] / c["sum"]) for c in full] if "sum" in s.aggregations else []
-        out.append({"aggregation": a, "cells": len(full), "wins": wins, "mean_rank": sum(ranks) / len(ranks),
-                    "geo_mean_ppl_vs_sum": math.exp(sum(logr) / len(logr)) if logr else None,
-                    "geo_mean_ppl": math.exp(sum(math.log(c[a]) for c in full) / len(full))})
+            continue
+        for a in s.aggregations:
+            ranks = [sorted(c.values()).index(c[a]) + 1 for c in full]
+            wins = sum(1 for c in full if c[a] == min(c.values()))
+            logr = [math.log(c[a] / c["sum"]) for c in full] if "sum" in s.aggregations else []
+            out.append({"scope": scope, "aggregation": a, "cells": len(full), "wins": wins,
+                        "mean_rank": sum(ranks) / len(ranks),
+                        "geo_mean_ppl_vs_sum": math.exp(sum(logr) / len(logr)) if logr else None,
+                        "geo_mean_ppl": math.exp(sum(math.log(c[a]) for c in full) / len(full))})
     return out
 
 
@@ -838,7 +856,7 @@ def render(result: dict[str, Any], s: Settings) -> str:
     meta, llama = result["meta"], result["llama"]
     parts = [f"## Pruning quality ({'quick' if s.quick else 'full'} mode)\n",
              f"{meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}, "
-             f"torch-pruning {meta['torch_pruning']}, peft {meta['peft']}; {meta['threads']} torch threads; "
+             f"torch-pruning {meta['torch_pruning']}, peft {meta['peft']}; torch threads: {meta['threads']}; "
              f"total {meta['wall_s']:.0f} s.\n"]
     if llama:
         b = llama["base"]
@@ -855,10 +873,11 @@ def render(result: dict[str, Any], s: Settings) -> str:
             parts.append(piv + "\n")
         agg = llama.get("aggregation_summary") or []
         if agg:
-            parts.append("Aggregations over every (criterion except random, structure, budget) cell:\n\n" + _table(
-                ["aggregation", "cells", "wins", "mean rank", "geo-mean ppl", "ppl ÷ sum (geo-mean)"],
-                [[a["aggregation"], a["cells"], a["wins"], _f(a["mean_rank"], "{:.2f}"), _f(a["geo_mean_ppl"]),
-                  _f(a["geo_mean_ppl_vs_sum"], "{:.3f}")] for a in agg]) + "\n")
+            parts.append("Aggregations over the (criterion except random, structure, budget) cells (ties count as a "
+                         "win for each tied aggregation; rank 1 = lowest perplexity of the cell):\n\n" + _table(
+                ["structures", "aggregation", "cells", "wins", "mean rank", "geo-mean ppl", "ppl ÷ sum (geo-mean)"],
+                [[a["scope"], a["aggregation"], a["cells"], a["wins"], _f(a["mean_rank"], "{:.2f}"),
+                  _f(a["geo_mean_ppl"]), _f(a["geo_mean_ppl_vs_sum"], "{:.3f}")] for a in agg]) + "\n")
         parts.append("All rows:\n\n" + llama_table(llama["rows"], b) + "\n")
         if llama.get("best"):
             parts.append("Best per budget: " + "; ".join(
@@ -905,9 +924,9 @@ def run(s: Settings) -> dict[str, Any]:
         layers = bench.model.config.num_hidden_layers
         log(f"tiny Llama: {bench.params:,} params, test ppl {bench.base_ppl:.3f} on {s.eval_tokens} bytes")
         rows: list[dict] = []
-        best: dict[float, tuple[float, nn.Module, dict]] = {}
+        best: dict[Any, tuple[float, nn.Module, dict]] = {}
         verdict = run_depgraph_grid(bench, rows, best)
-        dg_best = dict(best)
+        dg_best = {k: v for k, v in best.items() if not isinstance(k, tuple)}
         if s.depth and "depth" not in s.skip:
             run_depth(bench, rows)
         if "sparse" not in s.skip:
@@ -928,14 +947,17 @@ def run(s: Settings) -> dict[str, Any]:
         }
         if "recovery" not in s.skip and s.recovery_steps > 0:
             r0 = s.ratios[0]
-            cands = []
-            if r0 in dg_best:
-                b = dg_best[r0]
-                cands.append((f"depgraph {b[2]['structure']} {b[2]['criterion']}/{b[2]['aggregation']}", b[1], b[2]))
+            cands: list[tuple[str, nn.Module, dict]] = []
+            for key in (r0, ("block", r0)):  # the best overall, and the best LLM-Pruner-style (A+B) row
+                if key in best and all(best[key][1] is not c[1] for c in cands):
+                    b = best[key]
+                    cands.append((f"depgraph {b[2]['structure']} {b[2]['criterion']}/{b[2]['aggregation']}", b[1],
+                                  b[2]))
             if r0 in tp_best:
                 b = tp_best[r0]
                 cands.append((f"{b[2]['method']} {b[2]['structure']}", b[1], b[2]))
-            result["recovery"] = run_recovery(bench, cands)
+            control = {"budget": 0.0, "removed_pct": 0.0, "ppl": bench.base_ppl}
+            result["recovery"] = run_recovery(bench, cands, ("unpruned (control)", bench.model, control))
     if "minilm" not in s.skip and s.minilm_settings:
         result["minilm"] = run_minilm(s)
     result["meta"]["wall_s"] = time.perf_counter() - t0
