@@ -180,6 +180,29 @@ def _trim_per_layer(values: list, n: int) -> list:
     return [values[i] for i in sorted(picked)]
 
 
+def _keep_attention(defaults: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """Hybrid (attention + SSM / recurrent) configs: make the tiny depth keep an attention layer.
+
+    Three generic spellings: a ``*_period`` / ``*_offset`` pair placing attention beyond the tiny depth
+    (Jamba's ``attn_layer_offset=4``), an attention layer-index list left to None (Bamba's
+    ``attn_layer_indices``: no attention at all), and a repeating pattern of block kinds whose first
+    layers are all recurrent (RecurrentGemma's ``block_types``)."""
+    extra: dict[str, Any] = {}
+    for name, value in defaults.items():
+        if name in out or isinstance(value, bool):
+            continue
+        if name.endswith("_offset") and isinstance(value, int) and value >= LAYERS:
+            period = name[: -len("offset")] + "period"
+            if isinstance(defaults.get(period), int) and not isinstance(defaults.get(period), bool):
+                extra[name], extra[period] = LAYERS - 1, LAYERS
+        elif value is None and "att" in name and LAYER_INDEX_LIST.search(name):
+            extra[name] = [LAYERS - 1]
+        elif (isinstance(value, (list, tuple)) and len(value) > LAYERS and all(isinstance(v, str) for v in value)
+              and any("att" in v for v in value) and not any("att" in v for v in value[:LAYERS])):
+            extra[name] = type(value)(_trim_per_layer(list(value), LAYERS))
+    return extra
+
+
 def tiny_overrides(config_cls) -> dict[str, Any]:
     """Keyword overrides that make ``config_cls`` tiny (only fields the class has)."""
     defaults = _defaults(config_cls)
@@ -216,6 +239,7 @@ def tiny_overrides(config_cls) -> dict[str, Any]:
               and "token" not in name):
             kept = [v for v in value if v < LAYERS]
             out[name] = type(value)(kept or [LAYERS - 1])
+    out.update(_keep_attention(defaults, out))
     # special token ids must index the small vocabulary
     vocab = out.get("vocab_size", defaults.get("vocab_size"))
     if isinstance(vocab, int):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -26,6 +27,32 @@ WEIGHTS_FILE = "model.safetensors"
 BUFFERS_FILE = "depgraph_buffers.safetensors"
 BASE_CONFIG_ATTR = "_depgraph_base_config"  # the config before the first cut (set by depgraph.prune)
 _SIMPLE = (int, float, bool, str)
+# inf / nan are not JSON: they are tagged the way transformers' config files tag them
+# ({"__float__": "Infinity"}), so Mamba's time_step_limit=(0.0, inf) survives a round trip
+_FLOAT_TAG = "__float__"
+_SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def encode_floats(obj):
+    """``obj`` with every inf / nan replaced by its ``{"__float__": ...}`` tag (JSON-safe)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {_FLOAT_TAG: "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")}
+    if isinstance(obj, dict):
+        return {k: encode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [encode_floats(v) for v in obj]
+    return obj
+
+
+def decode_floats(obj):
+    """Inverse of :func:`encode_floats` (also reads transformers' own ``config.json`` tags)."""
+    if isinstance(obj, dict):
+        if set(obj) == {_FLOAT_TAG} and obj[_FLOAT_TAG] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[obj[_FLOAT_TAG]]
+        return {k: decode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_floats(v) for v in obj]
+    return obj
 
 
 def _simple(value) -> bool:
@@ -61,7 +88,51 @@ def model_diff(model: nn.Module, config=None) -> dict:
         local = getattr(module, "config", None)
         if local is not None and local is not model.config and hasattr(local, "to_dict"):
             configs[path] = {k: v for k, v in local.to_dict().items() if base.get(k) != v}
-    return {"shapes": shapes, "attrs": attrs, "configs": configs}
+    return {"shapes": shapes, "attrs": attrs, "configs": configs, "modules": _module_mismatch(model, ref)}
+
+
+def _module_mismatch(model: nn.Module, ref: nn.Module) -> list[str]:
+    """Paths where ``model`` holds another module class than a fresh build: attributes cannot fix that."""
+    ref_types = {path: type(m) for path, m in ref.named_modules()}
+    return sorted(path for path, m in model.named_modules() if path in ref_types and ref_types[path] is not type(m))
+
+
+def _runtime_config(model: nn.Module, config):
+    """``config`` with the settings the model switched at run time, when a fresh build differs in module classes.
+
+    BigBird swaps its block-sparse attention modules for full attention on short inputs and records it only in
+    the modules' ``attention_type``; the config still says block-sparse, so a fresh build gets the other
+    modules. A setting (str/bool module attribute named like a config field) that the modules agree on and
+    that the config states differently is applied to a copy of the config; if the classes still differ, the
+    checkpoint could not rebuild the model, so this raises.
+    """
+    mismatch = model_diff(model, config)["modules"]
+    if not mismatch:
+        return config
+    seen: dict[str, set] = {}
+    for _, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_") or not isinstance(value, (str, bool)):
+                continue
+            try:
+                stated = getattr(config, key, None)
+            except Exception:  # per-layer attributes of heterogeneous configs
+                continue
+            if type(stated) is type(value) and stated != value:
+                seen.setdefault(key, set()).add(value)
+    settings = {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
+    if settings:
+        runtime = copy.deepcopy(config)
+        for key, value in settings.items():
+            setattr(runtime, key, value)
+        try:
+            if not model_diff(model, runtime)["modules"]:
+                return runtime
+        except Exception:  # the setting does not build: report the mismatch below
+            pass
+    raise DepGraphError(f"{type(model).__name__} cannot be checkpointed: module(s) {', '.join(mismatch[:3])} are "
+                        "of another class than a fresh build from its config makes (replaced at run time?), "
+                        "so a reloaded model would compute something else")
 
 
 def _hf_compatible(model: nn.Module) -> bool:
@@ -72,7 +143,7 @@ def _hf_compatible(model: nn.Module) -> bool:
         diff = model_diff(model)
     except Exception:  # e.g. the config class rejects hidden_size % heads != 0
         return False
-    return not (diff["shapes"] or diff["attrs"] or diff["configs"])
+    return not (diff["shapes"] or diff["attrs"] or diff["configs"] or diff["modules"])
 
 
 def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,7 +167,9 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs) -> dict:
     compatible = _hf_compatible(model)
     # per-layer sizes are described relative to the original config, which always builds
     base = getattr(model, BASE_CONFIG_ATTR, None) or model.config
-    state = {"shapes": {}, "attrs": {}, "configs": {}} if compatible else model_diff(model, base)
+    if not compatible:
+        base = _runtime_config(model, base)
+    state = {"shapes": {}, "attrs": {}, "configs": {}, "modules": []} if compatible else model_diff(model, base)
     state.update(format=1, cls=type(model).__name__, module=type(model).__module__, hf_compatible=compatible,
                  base_config=None if compatible else base.to_dict())
     if state["hf_compatible"]:
@@ -108,7 +181,7 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs) -> dict:
     buffers = _non_persistent_buffers(model)
     if buffers:
         save_file(buffers, str(path / BUFFERS_FILE))
-    (path / STATE_FILE).write_text(json.dumps(state, indent=1))
+    (path / STATE_FILE).write_text(json.dumps(encode_floats(state), indent=1, allow_nan=False))
     return state
 
 
@@ -121,12 +194,12 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     if not state_file.exists():
         raise DepGraphError(f"{path} has no {STATE_FILE}: it was not written by depgraph.save_pretrained "
                             "(use transformers' from_pretrained for plain checkpoints)")
-    state = json.loads(state_file.read_text())
+    state = decode_floats(json.loads(state_file.read_text()))
     cls = getattr(importlib.import_module(state["module"]), state["cls"])
     if state["hf_compatible"]:
         model = cls.from_pretrained(path)
     else:
-        pruned = json.loads((path / "config.json").read_text())
+        pruned = decode_floats(json.loads((path / "config.json").read_text()))
         base = AutoConfig.for_model(**{k: v for k, v in state["base_config"].items() if k != "model_type"},
                                     model_type=state["base_config"]["model_type"])
         model = cls(base)  # a real build: buffers are computed, then overwritten below

@@ -26,10 +26,13 @@ from .layers import (
     HEAD_CONFIG,
     HIDDEN_ATTRS,
     HIDDEN_CONFIG,
+    LAYER_RULES,
     MLP_ATTRS,
     MLP_CONFIG,
     Edit,
     layer_edits,
+    rank_names_layer,
+    rank_stem,
 )
 
 Plan = Mapping[Group, Iterable[int]]
@@ -283,16 +286,36 @@ def _group_edits(graph, checked: dict[Group, np.ndarray], guess_inner: bool = Tr
     edits: list[Edit] = []
     pinned_head_dim = False
     local_configs: dict[int, object] = {}
-    for kind, attrs, fields in ((GroupKind.A, MLP_ATTRS, MLP_CONFIG), (GroupKind.B, HEAD_ATTRS, HEAD_CONFIG)):
+    per_layer_updates: dict[int, tuple[object, dict[int, dict[str, int]]]] = {}  # id(spec) -> (spec, {layer: })
+    # latent ranks (MLA's q/kv latent, A groups flagged by groups.mark_latent) set rank attributes
+    # (kv_lora_rank), never the MLP width: they get their own pass with the same config handling
+    for kind, attrs, fields, latent in ((GroupKind.A, MLP_ATTRS, MLP_CONFIG, False), (GroupKind.A, (), (), True),
+                                        (GroupKind.B, HEAD_ATTRS, HEAD_CONFIG, False)):
         targets: dict[str, list] = defaultdict(list)  # config field -> [(scope modules, new value)]
         for group in graph.groups(kind):
+            if bool(group.extra.get("latent")) is not latent:
+                continue
             units = checked.get(group)
             after = group.size - (0 if units is None else units.size)
-            modules = _scope_modules(model, group.name)
+            modules = _scope_modules(model, _scope_name(graph, group))
+            if latent or kind is GroupKind.B:
+                modules = _member_scope(modules, group)
+            if latent:
+                scope_config = next((m.config for _, m in modules if getattr(m, "config", None) is not None),
+                                    config)
+                for owner, name in _rank_fields(group, modules, scope_config, units is not None):
+                    if owner is scope_config:
+                        targets[name].append((modules, after, units is not None))
+                    elif units is not None:
+                        edits.append((owner, name, after))
+                continue
             if units is not None:
                 # inside attention, "hidden_size"/"embed_dim" equal to heads x head_dim mean the inner size
                 inner = max((len(m.indices()) for m in group.members if m.role == "in"), default=-1)
+                owned = _member_tensors(model, group)
                 for _, module in modules:
+                    if _foreign(module, owned):
+                        continue
                     for attr in attrs + (HIDDEN_ATTRS if kind is GroupKind.B and guess_inner else ()):
                         value = getattr(module, attr, None)
                         if attr in HIDDEN_ATTRS and attr not in attrs and value != inner:
@@ -300,8 +323,15 @@ def _group_edits(graph, checked: dict[Group, np.ndarray], guess_inner: bool = Tr
                         new = _scaled(value, group.size, after)
                         if new is not None and attr in vars(module):
                             edits.append((module, attr, new))
+                    if kind is GroupKind.B:
+                        edits.extend(_shared_kv_repeats(module, group.size, after))
             scope_config = next((m.config for _, m in modules if getattr(m, "config", None) is not None), config)
+            per_layer = _per_layer_attributes(scope_config)
             for name in fields:
+                if name in per_layer:  # heterogeneous config: the layer's own value is in per_layer_config
+                    if units is not None:
+                        _per_layer_update(per_layer_updates, scope_config, group, modules, name, after)
+                    continue
                 value = _safe_get(scope_config, name) if scope_config is not None else None
                 new = _scaled(value, group.size, after)
                 if new is not None:
@@ -338,7 +368,7 @@ def _group_edits(graph, checked: dict[Group, np.ndarray], guess_inner: bool = Tr
         after = group.size - checked[group].size
         if config is not None and not pinned_head_dim:
             pinned_head_dim = _pin_head_dim(config, edits)
-        attention = tuple(g.name + "." for g in graph.groups(GroupKind.B))
+        attention = _attention_scopes(model, graph)
         for path, module in model.named_modules():
             if (path + ".").startswith(attention):
                 continue  # there these names mean heads x head_dim (handled with the B groups)
@@ -353,7 +383,172 @@ def _group_edits(graph, checked: dict[Group, np.ndarray], guess_inner: bool = Tr
             for name in HIDDEN_CONFIG:
                 if _safe_get(config, name) == group.size:
                     edits.append((config, name, after))
+    edits.extend(_per_layer_edits(model, config, per_layer_updates, local_configs))
     return edits
+
+
+# ---- heterogeneous configs (transformers' per_layer_config, e.g. Gemma-4's per-layer head_dim / KV heads) ----
+
+def _per_layer_attributes(config) -> set[str]:
+    """Attributes that vary per layer: reading them on the global config raises, they live in
+    ``config.per_layer_config[i]``."""
+    try:
+        return set(getattr(config, "per_layer_attributes", None) or ())
+    except Exception:
+        return set()
+
+
+def _layer_index(config, modules: list[tuple[str, nn.Module]]) -> int | None:
+    """Decoder layer index of a group's scope: a module's ``layer_idx``, else the first index in its path."""
+    n_layers = _safe_get(config, "num_hidden_layers")
+    for _, module in modules:
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and not isinstance(idx, bool):
+            return idx
+    for path, _ in modules:
+        for part in path.split("."):
+            if part.isdigit() and (not isinstance(n_layers, int) or int(part) < n_layers):
+                return int(part)
+    return None
+
+
+def _per_layer_update(updates: dict, config, group: Group, modules, name: str, after: int) -> None:
+    """Stage ``name`` (a per-layer size) of the group's layer, scaled from ``group.size`` to ``after`` units."""
+    spec = config.__dict__.get("_heterogeneity_spec")
+    idx = _layer_index(config, modules)
+    if spec is None or idx is None:
+        raise PruneError(f"group {group.name}: {name} is a per-layer config attribute, but the layer of "
+                         f"{group.name} is unknown, so the config cannot be updated; the model is unchanged")
+    value = _safe_get(config.per_layer_config[idx], name)
+    new = _scaled(value, group.size, after)
+    if new is None:
+        return
+    _, layers = updates.setdefault(id(spec), (spec, {}))
+    layers.setdefault(idx, {})[name] = new
+
+
+def _per_layer_edits(model: nn.Module, config, updates: dict, local_configs: dict[int, object]) -> list[Edit]:
+    """One new heterogeneity spec per staged spec, set on every config that shares it (the model's, the
+    modules' own copies), so ``per_layer_config[i]`` states the cut sizes and rollback restores the old spec."""
+    edits: list[Edit] = []
+    holders = [config, *local_configs.values()]
+    holders += [m.config for m in model.modules() if getattr(m, "config", None) is not None]
+    for spec, layers in updates.values():
+        new_spec = copy.deepcopy(spec)
+        for idx, values in layers.items():
+            new_spec.per_layer_overrides.setdefault(idx, {}).update(values)
+            new_spec.per_layer_attributes.update(values)
+        seen: set[int] = set()
+        for holder in holders:
+            if id(holder) not in seen and getattr(holder, "__dict__", {}).get("_heterogeneity_spec") is spec:
+                seen.add(id(holder))
+                edits.append((holder, "_heterogeneity_spec", new_spec))
+    return edits
+
+
+def _member_tensors(model: nn.Module, group: Group) -> set[int]:
+    """ids of the tensors ``group`` cuts (identity, so tied / shared weights count under any name)."""
+    tensors = _tensors(model)
+    return {id(tensors[m.param]) for m in group.members if m.param in tensors}
+
+
+def _foreign(module: nn.Module, owned: set[int]) -> bool:
+    """``module`` has weights but none the group cuts: its sizes are not the group's (a Mamba mixer
+    beside the block's MLP keeps its ``intermediate_size``)."""
+    params = [id(p) for p in module.parameters()]
+    return bool(params) and not any(p in owned for p in params)
+
+
+def _scope_name(graph, group: Group) -> str:
+    """Module path whose modules hold ``group``'s sizes: its name without the ``#k`` that tells
+    same-prefix groups apart (MLA's heads share ``self_attn`` with the q/kv latents), when no other
+    group of its kind shares that prefix. Latent groups always use the prefix: their rank fields
+    are told apart by name (:func:`_rank_fields`)."""
+    base = group.name.split("#", 1)[0]
+    if base == group.name or group.kind is GroupKind.C:
+        return group.name
+    if group.extra.get("latent"):
+        return base
+    if group.kind is not GroupKind.B:
+        return group.name
+    same = [g for g in graph.groups(group.kind) if g.name.split("#", 1)[0] == base]
+    return base if len(same) == 1 else group.name
+
+
+def _member_scope(modules: list[tuple[str, nn.Module]], group: Group) -> list[tuple[str, nn.Module]]:
+    """The scope's modules without sub-structures that are not the group's: a submodule whose
+    parameters are all outside the group (DeepSeek-V3.2's indexer inside ``self_attn``, with its
+    own ``n_heads``) keeps its sizes. The scope root and parameter-free submodules (a core
+    attention module holding the head count) stay."""
+    if not modules:
+        return modules
+    root = modules[0][0]
+    params = {m.param for m in group.members}
+    kept = []
+    for name, module in modules:
+        prefix = name + "."
+        if name != root and any(True for _ in module.parameters()) \
+                and not any(p.startswith(prefix) for p in params):
+            continue
+        kept.append((name, module))
+    return kept
+
+
+def _rank_fields(group: Group, modules, scope_config, cut: bool) -> list[tuple[object, str]]:
+    """``(owner, name)`` of the rank attributes giving a latent group's width (``kv_lora_rank``).
+
+    Candidates are the scope's module attributes and config fields named like a rank
+    (:func:`depgraph.layers.rank_stem`) whose value is the group's width. Several layers may
+    share one value (q_lora_rank == kv_lora_rank), so a field must name one of the group's layers
+    (``kv_lora_rank`` -> ``kv_a_proj``, ``kv_b_proj``); a generic ``lora_rank`` fits any. A cut
+    that cannot tell which field it changes is refused rather than guessed.
+    """
+    owners = [module for _, module in modules] + ([scope_config] if scope_config is not None else [])
+    found: list[tuple[object, str]] = []
+    for owner in owners:
+        for name in list(vars(owner)):
+            # read through getattr: a heterogeneous config refuses per-layer fields (then the module's own
+            # attribute is the one that counts)
+            value = _safe_get(owner, name) if rank_stem(name) is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value == group.size:
+                found.append((owner, name))
+    leaves = {m.param.rsplit(".", 2)[-2] if m.param.count(".") else "" for m in group.members}
+    names = {name for _, name in found if rank_names_layer(name, leaves)}
+    if len(names) > 1 and cut:
+        raise PruneError(f"group {group.name} is a latent rank of attention, but its width could be any of "
+                         f"{', '.join(sorted(names))}; cannot tell which to update, so nothing was cut")
+    return [(owner, name) for owner, name in found if name in names]
+
+
+def _shared_kv_repeats(module: nn.Module, before: int, after: int) -> list[Edit]:
+    """Multi-query attention repeats its one KV head for every query head (``num_key_value_groups``
+    == ``num_heads``): when the units are query heads, the repeat count follows them. With several
+    KV heads the repeat count is heads per KV head, which cutting whole KV groups leaves alone."""
+    repeats = vars(module).get("num_key_value_groups")
+    heads = next((vars(module)[a] for a in ("num_heads", "num_attention_heads") if a in vars(module)),
+                 _safe_get(getattr(module, "config", None), "num_attention_heads"))
+    if isinstance(repeats, int) and repeats == heads == before and after != before:
+        return [(module, "num_key_value_groups", after)]
+    return []
+
+
+def _attention_scopes(model: nn.Module, graph) -> tuple[str, ...]:
+    """Module paths (with a trailing dot) where hidden-size names mean heads x head_dim: for every
+    parameter a head group cuts, the parent of a plain layer holding it (``self_attn`` for
+    ``self_attn.q_proj.weight``), else the module holding it (a relative-position bias table).
+    Per parameter, not the group's name: a head group coupled across layers (CpmAnt's shared
+    position bias) is named after the whole model, whose norms still need the hidden cut."""
+    modules = dict(model.named_modules())
+    scopes: set[str] = set()
+    for group in graph.groups(GroupKind.B):
+        for m in group.members:
+            owner = m.param.rsplit(".", 1)[0] if "." in m.param else ""
+            module = modules.get(owner)
+            if module is not None and any(isinstance(module, t) for t in LAYER_RULES) and owner:
+                owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+            if owner:
+                scopes.add(owner + ".")
+    return tuple(sorted(scopes))
 
 
 def _safe_get(obj, name: str):

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from . import groups as G
+from . import layers
 from .errors import TraceError, UnsupportedModelError
 from .rules import Axis, RuleContext, lookup, module_path, shape_of
-from .rules.context import axis_key
+from .rules.context import axis_key, data_dependent_dims, size_of
 from .trace import export, normalise_inputs
 
 log = logging.getLogger("depgraph")
@@ -50,6 +52,10 @@ class DependencyBuilder:
         params = dict(sig.inputs_to_parameters)
         buffers = dict(sig.inputs_to_buffers)
         ctx = self.ctx
+        for node_name, const in dict(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {}).items():
+            value = self.exported.constants.get(const)
+            if isinstance(value, torch.Tensor) and value.numel() <= 4096 and not value.is_floating_point():
+                ctx.constants[node_name] = value  # rules may read fixed indices (see rules/shape.py index)
         for node in self.exported.graph.nodes:
             ctx.current = node
             ctx.order += 1
@@ -98,13 +104,25 @@ class DependencyBuilder:
         if rule is not None:
             try:
                 result = rule(ctx, node)
-            except (TypeError, IndexError, ValueError, AttributeError, KeyError) as exc:
+            except (TypeError, IndexError, ValueError, AttributeError, KeyError,
+                    GuardOnDataDependentSymNode) as exc:
                 # a rule that cannot read this variant of its op falls back to the safe rule
                 log.debug("rule for %s failed on %s: %s", node.target, node.name, exc)
                 result = NotImplemented
         if result is NotImplemented:
             result = self._unknown(node)
         ctx.axes[node.name] = result
+        self._freeze_data_dependent(node, result)
+
+    def _freeze_data_dependent(self, node: fx.Node, result) -> None:
+        """Axes whose length depends on data (a boolean mask's rows, a length read with ``.item()``) are data."""
+        val = node.meta.get("val")
+        vals = list(val) if isinstance(val, (list, tuple)) else [val]
+        parts = result if result and isinstance(result[0], list) else [result]
+        for v, axes in zip(vals, parts):
+            for d in data_dependent_dims(getattr(v, "shape", None) or ()):
+                if axes and d < len(axes):
+                    self.ctx.freeze(axes[d], f"data-dependent size at {self.ctx.where()}")
 
     def _unknown(self, node: fx.Node):
         """Conservative rule: everything the op touches is frozen, its outputs are new."""
@@ -114,14 +132,35 @@ class DependencyBuilder:
             touched.extend(_flat_axes(ctx.axes.get(arg.name)))
         val = node.meta.get("val")
         if isinstance(val, (list, tuple)):
-            out = [[ctx.fresh(node, j, int(s)) for j, s in enumerate(v.shape)] if hasattr(v, "shape") else []
+            out = [[ctx.fresh(node, j, size_of(s)) for j, s in enumerate(v.shape)] if hasattr(v, "shape") else []
                    for v in val]
         elif hasattr(val, "shape"):
-            out = [ctx.fresh(node, j, int(s)) for j, s in enumerate(val.shape)]
+            out = [ctx.fresh(node, j, size_of(s)) for j, s in enumerate(val.shape)]
         else:
             out = None
         ctx.unknown_op(node, touched + _flat_axes(out))
         return out
+
+
+def _unsized_broadcasts(ctx: RuleContext, labels: np.ndarray, frozen_comp: np.ndarray,
+                        head_ids: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
+    """Freezes for axes made by ``expand`` whose length no cut updates.
+
+    Broadcasting gives every index a copy, so the units are free to cut as long as the code then
+    expands to the new length. For heads it does (MLA's rope key ``k_rot.expand(-1, heads, ...)``,
+    and the head counts are updated with the B group); the hidden stream's channels (an embedding
+    writes them) follow the hidden size. Any other broadcast length, e.g. a hyper-connection's
+    ``expand(..., config.hc_mult, ...)`` streams, is written in the code: never cut.
+    """
+    if not ctx.broadcast:
+        return []
+    keep = G.marked_components(labels, list(head_ids) + list(ctx.embed_ids))
+    out = []
+    for ids, where in ctx.broadcast:
+        comps = labels[ids]
+        if not frozen_comp[comps].all() and not keep[comps].all():
+            out.append((ids, f"broadcast by {where}: its length is written in the code"))
+    return out
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:
@@ -161,13 +200,25 @@ class DependencyGraph:
     # ---- analysis --------------------------------------------------------------------------
     def _build_groups(self, ctx: RuleContext, builder: DependencyBuilder) -> None:
         labels = G.components(ctx.next_id, ctx.edge_a, ctx.edge_b)
+        # reshapes whose wholes are coupled share their factors (q/k/v/ALiBi merged into a bmm's
+        # [batch*heads] axis): couple those until no new component merges
+        edge_a, edge_b = list(ctx.edge_a), list(ctx.edge_b)
+        for _ in range(MAX_FACTOR_ROUNDS):
+            unify_a, unify_b = G.unify_factors(ctx.relations, labels)
+            merged = G.components(ctx.next_id, edge_a + unify_a, edge_b + unify_b) if unify_a else labels
+            if merged.max() == labels.max():
+                break
+            edge_a, edge_b, labels = edge_a + unify_a, edge_b + unify_b, merged
+        # a bmm marks its merged [batch*heads] axis: the heads are that reshape's factor
+        head_ids = G.heads_through_products(ctx.head_ids, ctx.relations, labels)
         frozen = list(ctx.frozen)
         frozen_comp = G.frozen_components(labels, frozen)
         # Decide each reshape's unit factor, then re-check with the merged components until the
         # decisions settle: freezes only accumulate, so this reaches a fixpoint; the cap is a guard.
         previous = None
         for round_ in range(MAX_FACTOR_ROUNDS + 1):
-            new_a, new_b, freeze, decisions = G.resolve_products(ctx.relations, labels, frozen_comp)
+            head_comp = G.marked_components(labels, head_ids)
+            new_a, new_b, freeze, decisions = G.resolve_products(ctx.relations, labels, frozen_comp, head_comp)
             if decisions == previous:  # labels and freezes already reflect these decisions
                 break
             if round_ == MAX_FACTOR_ROUNDS:
@@ -178,8 +229,9 @@ class DependencyGraph:
                         frozen.append((rel.whole, f"unsettled reshape at {rel.where}"))
                         frozen.extend((f, f"unsettled reshape at {rel.where}") for f in rel.factors)
                 frozen_comp = G.frozen_components(labels, frozen)
-                new_a, new_b, freeze, decisions = G.resolve_products(ctx.relations, labels, frozen_comp)
-            labels = G.components(ctx.next_id, ctx.edge_a + new_a, ctx.edge_b + new_b) if new_a else labels
+                new_a, new_b, freeze, decisions = G.resolve_products(ctx.relations, labels, frozen_comp,
+                                                                     head_comp)
+            labels = G.components(ctx.next_id, edge_a + new_a, edge_b + new_b) if new_a else labels
             frozen = frozen + freeze
             frozen_comp = G.frozen_components(labels, frozen)
             previous = decisions
@@ -188,6 +240,11 @@ class DependencyGraph:
             for d, axis in enumerate(axes):
                 param_axes.append(G.ParamAxis(name, d, axis.ids, is_buffer))
         param_ids = {(pa.param, pa.dim): pa.ids for pa in param_axes}
+        unsized = self._unsized_splits(ctx, labels, frozen_comp, param_axes, head_ids)
+        unsized += _unsized_broadcasts(ctx, labels, frozen_comp, head_ids)
+        if unsized:  # after the reshapes settled: freezing more only removes units, never splits one
+            frozen = frozen + unsized
+            frozen_comp = G.frozen_components(labels, frozen)
         groups, comp_group, comp_unit = G.form_groups(param_axes, labels, frozen_comp, ctx.uses)
         # a group must cut at least one real parameter (a buffer-only "group" is bookkeeping)
         for gi, g in enumerate(groups):
@@ -198,7 +255,7 @@ class DependencyGraph:
         remap[np.array(keep, dtype=np.int64)] = np.arange(len(keep))
         comp_group = np.where(comp_group >= 0, remap[np.maximum(comp_group, 0)], -1)
         groups = [groups[gi] for gi in keep]
-        G.classify(groups, comp_group, labels, ctx.head_ids, ctx.embed_ids, param_ids, ctx.mixed)
+        G.classify(groups, comp_group, labels, head_ids, ctx.embed_ids, param_ids, ctx.mixed)
         for g in groups:
             g.graph_id = id(self)
         self._groups = groups
@@ -211,6 +268,69 @@ class DependencyGraph:
         self.expert_params = set(ctx.expert_params)
         self._set_param_counts()
         self._report(ctx, labels, frozen, frozen_comp, param_axes)
+        self._warn_kept_whole()
+
+    def _unsized_splits(self, ctx: RuleContext, labels, frozen_comp, param_axes,
+                        head_ids=()) -> list[tuple[np.ndarray, str]]:
+        """Freezes for lengths written in a module's code that no attribute the cut updates holds.
+
+        ``torch.split(x, [self.intermediate_size, self.conv_dim, self.num_heads])`` (Mamba's in_proj),
+        Jamba's x_proj into ``time_step_rank`` / state sizes, RecurrentGemma's block-diagonal
+        ``reshape(b * s, self.num_attention_heads, self.block_width)`` keep the old lengths after a cut
+        unless the attribute holding them is one the cut rescales for that group's kind (MLP width for
+        A, rank fields for latent A, head sizes for B, hidden size for C). A provisional grouping gives
+        the kinds; such lengths are never cut.
+        """
+        out: list[tuple[np.ndarray, str]] = []
+        if not ctx.sized:
+            return out
+        groups, comp_group, _ = G.form_groups(param_axes, labels, frozen_comp, ctx.uses)
+        param_ids = {(pa.param, pa.dim): pa.ids for pa in param_axes}
+        G.classify(groups, comp_group, labels, list(head_ids), ctx.embed_ids, param_ids, ctx.mixed)
+        modules = dict(self.model.named_modules())
+        for ids, size, where, path, reshape in ctx.sized:
+            found = comp_group[labels[ids]]
+            for gi in np.unique(found[found >= 0]).tolist():
+                group = groups[gi]
+                if reshape and group.kind is G.GroupKind.B:
+                    continue  # head reshapes: head counts are rescaled with the heads (and checked)
+                leaves = {m.param.rsplit(".", 2)[-2] for m in group.members if "." in m.param}
+                module = modules.get(path)
+                held = module is not None and layers.size_attribute(
+                    module, size, group.kind.value, bool(group.extra.get("latent")), leaves, group.size) is not None
+                if not held:
+                    out.append((ids, f"length {size} written in the code at {where}: no attribute the "
+                                     f"{group.kind.value} cut updates holds it"))
+                    break
+        return out
+        modules = dict(self.model.named_modules())
+        for ids, size, where, path in ctx.sized:
+            comps = np.unique(labels[ids])
+            if frozen_comp[comps].all():
+                continue
+            leaves = {pa.param.rsplit(".", 2)[-2] for pa in param_axes
+                      if "." in pa.param and np.isin(labels[pa.ids], comps).any()}
+            module = modules.get(path)
+            if module is not None and layers.size_attribute(module, size, leaves) is not None:
+                continue
+            out.append((ids, f"split sizes at {where} are fixed by the module: no size attribute the cut "
+                             f"updates holds {size}"))
+        return out
+
+    def _warn_kept_whole(self) -> None:
+        """One warning per module whose weights' channels are frozen because the rules cannot prove a
+        cut of them exact (a reshape no unit fits, a length written in the code): typically the
+        recurrent mixer of a hybrid model (Mamba, gated delta net), left whole while the rest prunes."""
+        by_module: dict[str, list[str]] = {}
+        for (param, dim), reason in self.frozen.items():
+            if reason.startswith(("reshape at ", "length ")) and param not in self.buffers:
+                where = reason.rsplit(" at ", 1)[-1].split(":")[0]
+                by_module.setdefault(where, []).append(f"{param} dim {dim}")
+        for where, dims in by_module.items():
+            msg = (f"{where}: {len(dims)} parameter dim(s) are kept whole (never cut), e.g. {', '.join(dims[:3])}: "
+                   "the rules cannot prove a cut of them exact (see graph.frozen for each reason)")
+            self.warnings.append(msg)
+            log.warning(msg)
 
     def _set_param_counts(self) -> None:
         for g in self._groups:

@@ -128,7 +128,13 @@ def frozen_components(labels: np.ndarray, frozen: list[tuple[np.ndarray, str]]) 
     return mask
 
 
-def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp: np.ndarray):
+def marked_components(labels: np.ndarray, id_lists: list[np.ndarray]) -> np.ndarray:
+    """Boolean mask over components: those holding any of the ids in ``id_lists``."""
+    return frozen_components(labels, [(ids, "") for ids in id_lists])
+
+
+def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp: np.ndarray,
+                     head_comp: np.ndarray | None = None):
     """Edges and freezes that make each reshape's unit factor the outermost unfrozen one.
 
     Row-major index ``i`` of the whole axis sits in block ``i // inner`` of the chosen factor,
@@ -150,14 +156,35 @@ def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp:
         # When the code wrote -1 for one factor, only that one may change size.
         candidates = list(enumerate(factors[:-1]))
         if rel.preferred is not None:
-            candidates = [(k, f) for k, f in candidates if f is rel.preferred]
+            # ``view(b, s, self.num_heads, -1)``: the head count is written, but it is an attribute the
+            # head cut rescales, and the -1 then keeps head_dim: attention heads stay candidates
+            candidates = [(k, f) for k, f in candidates if f is rel.preferred
+                          or (rel.preferred is factors[-1] and head_comp is not None
+                              and head_comp[labels[f]].all())]
+        if (head_comp is not None and head_comp[labels[factors[-1]]].all()
+                and (rel.preferred is None or rel.preferred is factors[-1])):
+            # the batch axis of a bmm attention ([b, h] -> [b*h]): the heads are innermost. The
+            # code sizes this axis as batch x num_heads, so the heads may be the unit (tried
+            # after the outer factors, which are the batch)
+            candidates.append((len(factors) - 1, factors[-1]))
         for k, f in candidates:
             if not frozen_comp[labels[f]].any():
                 chosen = k
                 break
+        if chosen is None:
+            # else a factor with only some indices frozen: those stay, the others are units
+            # (Falcon's fused [query heads.., k, v] axis: k and v are read by a fixed index)
+            for k, f in candidates:
+                if not frozen_comp[labels[f]].all():
+                    chosen = k
+                    break
         decisions.append(chosen)
         if chosen is None:
+            # no factor may change size, so none may lose units: cutting a factor alone would
+            # break the reshape (e.g. Llama-4's experts view [E*T, H] -> [E, -1, H], where only
+            # the token factor was left to torch and the experts factor is a fresh axis)
             freeze.append((rel.whole, f"reshape at {rel.where}"))
+            freeze.extend((f, f"reshape at {rel.where}") for f in factors)
             continue
         inner = int(np.prod([f.size for f in factors[chosen + 1:]], dtype=np.int64))
         unit = factors[chosen]
@@ -168,6 +195,60 @@ def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp:
             if k != chosen:
                 freeze.append((f, f"kept whole by reshape at {rel.where}"))
     return new_a, new_b, freeze, decisions
+
+
+def unify_factors(relations: list[Relation], labels: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Edges coupling the factors of reshapes whose wholes are the same neurons index by index.
+
+    Attention written with ``bmm`` merges heads into the batch axis (``[b, h, s, d] -> [b*h, s, d]``)
+    for the query, the key, the value and an ALiBi bias separately; the bmm couples the merged axes,
+    so their factors are the same neurons too (head ``j`` of the query is head ``j`` of the key).
+    Only wholes whose indices are distinct neurons and factorisations of equal sizes are matched.
+    """
+    new_a: list[np.ndarray] = []
+    new_b: list[np.ndarray] = []
+    seen: dict[tuple, list[np.ndarray]] = {}
+    for rel in relations:
+        factors = [f for f in rel.factors if f.size > 1]
+        if len(factors) < 2:
+            continue
+        whole = labels[rel.whole]
+        if np.unique(whole).size != whole.size:
+            continue
+        key = (tuple(f.size for f in factors), whole.tobytes())
+        first = seen.setdefault(key, factors)
+        if first is not factors:
+            for a, b in zip(first, factors):
+                new_a.append(a)
+                new_b.append(b)
+    return new_a, new_b
+
+
+def heads_through_products(head_ids: list[np.ndarray], relations: list[Relation],
+                           labels: np.ndarray) -> list[np.ndarray]:
+    """``head_ids`` plus the factors of every reshape whose whole holds heads.
+
+    A bmm on a merged ``[b*h]`` axis marks the merged axis; the heads are its ``h`` factor.
+    """
+    if not head_ids:
+        return list(head_ids)
+    marked = np.zeros(int(labels.max()) + 1, dtype=bool)
+    marked[labels[np.concatenate(head_ids)]] = True
+    out = list(head_ids)
+    done: set[int] = set()
+    changed = True
+    while changed:  # a factor may itself be the whole of another reshape; at most one pass per reshape
+        changed = False
+        for k, rel in enumerate(relations):
+            if k in done or not rel.whole.size or not marked[labels[rel.whole]].any():
+                continue
+            done.add(k)
+            for f in rel.factors:
+                if f.size > 1:
+                    out.append(f)
+                    marked[labels[f]] = True
+                    changed = True
+    return out
 
 
 @dataclass
@@ -286,7 +367,38 @@ def classify(groups: list[Group], comp_group: np.ndarray, labels: np.ndarray, he
         # exact (cut == zero-mask) unless something reduces over the units: a norm's statistic
         # (hidden channels, OLMo-2's q/k norm over all heads), a mean over a weight (BitNet)
         group.exact = group.kind is not GroupKind.C and gi not in mixed_groups
+    mark_latent(groups, comp_group, labels, param_ids)
     name_groups(groups)
+
+
+def mark_latent(groups: list[Group], comp_group: np.ndarray, labels: np.ndarray,
+                param_ids: dict[tuple[str, int], np.ndarray]) -> None:
+    """Flag A groups that are low-rank bottlenecks of attention: ``extra["latent"] = True``.
+
+    Multi-head latent attention (DeepSeek-V2/V3) projects the hidden state down to a latent
+    (``q_a_proj``/``kv_a_proj``, width ``q_lora_rank``/``kv_lora_rank``) and back up to the heads
+    (``q_b_proj``/``kv_b_proj``). Structurally that latent is an A group (neurons produced and
+    consumed inside one block), but one of its layers' other dims carries attention heads (a B
+    group), so its width is an attention rank, not an MLP width: the cut updates rank attributes.
+    """
+    dims_of: dict[str, list[int]] = {}
+    for p, d in param_ids:
+        dims_of.setdefault(p, []).append(d)
+    heads = {gi for gi, g in enumerate(groups) if g.kind is GroupKind.B}
+    if not heads:
+        return
+    for group in groups:
+        if group.kind is not GroupKind.A:
+            continue
+        for m in group.members:
+            touched = set()
+            for d in dims_of.get(m.param, ()):
+                if d != m.dim:
+                    g = comp_group[labels[param_ids[(m.param, d)]]]
+                    touched.update(np.unique(g[g >= 0]).tolist())
+            if touched & heads:
+                group.extra["latent"] = True
+                break
 
 
 def _module_of(param: str) -> list[str]:

@@ -372,15 +372,21 @@ def test_bert_post_norm_encoder():
 
 
 def test_falcon_7b_layout_never_cuts_head_dims():
-    # multi-query fused qkv picks k and v with an index; heads become positional. Head dims must
-    # not become the unit instead (default sdpa scale 1/sqrt(head_dim), rotary pairs)
+    # multi-query fused qkv picks k and v with a fixed index ([-2], [-1]): the shared k/v head is
+    # kept, the query heads are units. Head dims must never become the unit (default sdpa scale
+    # 1/sqrt(head_dim), rotary pairs)
     model = tiny_model("falcon", new_decoder_architecture=False, multi_query=True)
     graph = depgraph.trace(model)
     d = dims(model.config)
     assert [g.size for g in graph.groups("A")] == [d.intermediate] * d.layers
     for g in graph.groups():
         assert len({layer_of(p) for p in g.params if layer_of(p) is not None}) <= 1 or g.kind.value == "C"
-        assert not any("query_key_value" in p for p in g.params) or g.kind.value == "C"
+        assert not any("query_key_value" in p for p in g.params) or g.kind.value in "BC"
+    for g in graph.groups("B"):
+        assert g.size == d.heads
+        qkv = next(m for m in g.members if "query_key_value" in m.param)
+        assert qkv.per_unit == d.head_dim
+        assert (qkv.unit_of_index[-2 * d.head_dim:] == -1).all()  # the k and v rows stay
 
 
 def test_falcon_alibi_heads_are_not_prunable():
@@ -646,7 +652,10 @@ def test_split_with_explicit_sizes_keeps_pieces_independent():
             return torch.cat([a.relu(), b.tanh()], -1)
 
     _, graph, _ = pipe_graph(Uneven())
-    assert middle(graph).size == 32
+    # unlike chunk, the pieces are not tied index by index ...
+    assert graph.coupled("up.weight", 0, 0)[("up.weight", 0)] == [0]
+    # ... but their lengths are literals no cut updates: a cut would break the split, so none is made
+    assert middle(graph) is None and "written in the code" in graph.frozen[("up.weight", 0)]
 
 
 def test_uneven_chunk_freezes_the_axis():

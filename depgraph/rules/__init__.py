@@ -1,7 +1,7 @@
 """Per-op dependency rules. Add a rule for a new op with :func:`register` in the module for
 its kind (pointwise, shape, contraction, normalization, creation); see docs/adding-rules.md."""
 
-from . import contraction, creation, indexing, normalization, pointwise, shape  # noqa: F401  (registration)
+from . import contraction, creation, indexing, normalization, pointwise, sequence, shape  # noqa: F401
 from .context import Axis, ParamUse, Relation, RuleContext, module_path, shape_of
 from .registry import RULES, lookup, register
 

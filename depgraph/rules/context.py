@@ -78,6 +78,13 @@ class RuleContext:
     merged: dict[tuple[int, int, int], tuple[np.ndarray, list[Axis]]] = field(default_factory=dict)
     mixed: list[np.ndarray] = field(default_factory=list)
     expert_params: set[str] = field(default_factory=set)  # weights read by grouped (MoE) matmuls
+    # axes made by broadcasting a size-1 dim to a length the code wrote (``x.expand(b, n, s, d)``)
+    broadcast: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    # pieces of a split whose sizes the code passes explicitly: (piece ids, size, where, module path);
+    # the graph keeps them prunable only where a size attribute the cut updates holds that size
+    sized: list[tuple[np.ndarray, int, str, str, bool]] = field(default_factory=list)
+    # small integer constants lifted by export (``x[..., [-2], :]``'s index): placeholder -> value
+    constants: dict[str, object] = field(default_factory=dict)
     current: fx.Node | None = None
     order: int = 0
 
@@ -141,6 +148,20 @@ class RuleContext:
     def freeze(self, ids: Axis | np.ndarray, reason: str) -> None:
         """These neurons are never cut (conservative)."""
         self.frozen.append((ids.ids if isinstance(ids, Axis) else ids, reason))
+
+    def sized_by_code(self, axis: Axis | np.ndarray, size: int, reshape: bool = False) -> None:
+        """``axis``'s length is written in the module's code (``split(x, [a, b])``, a reshape factor
+        that is not ``-1``): cutting its neurons needs the attribute holding ``size`` updated too."""
+        ids = axis.ids if isinstance(axis, Axis) else axis
+        if ids.size > 1:
+            path = module_path(self.current) if self.current is not None else ""
+            self.sized.append((ids, size, self.where(), path, reshape))
+
+    def broadcasted(self, axis: Axis) -> None:
+        """``axis`` was made by broadcasting (each index a copy): its length is whatever the code
+        passed to ``expand``. Cutting it is only safe where the cut updates that length (heads)."""
+        if axis.size > 1:
+            self.broadcast.append((axis.ids, self.where()))
 
     def mix(self, axis: Axis) -> None:
         """``axis`` is reduced over (a norm's statistic, a mean, a softmax): cutting one of its
@@ -247,12 +268,44 @@ def module_path(node: fx.Node) -> str:
     return str(path).replace("L['self'].", "").replace("[", ".").replace("]", "")
 
 
+# Stand-in length of a data-dependent ("unbacked") dimension, e.g. the rows a boolean mask selects (X-MOD's
+# language adapters) or a length read with ``.item()`` (Reformer's axial positions). Such axes are data, never
+# channels: the builder freezes them (see :func:`data_dependent_dims`). The stand-in only has to give every
+# expression of the same symbols one consistent value; a prime keeps coincidences with channel sizes unlikely
+# (and any coincidence can only couple more neurons to a frozen axis, i.e. freeze more, never cut more).
+UNBACKED_SIZE = 1009
+
+
+def size_of(size) -> int:
+    """A dimension's length: its int value, or the stand-in value of a data-dependent size expression."""
+    if isinstance(size, int):
+        return size
+    expr = getattr(getattr(size, "node", None), "expr", None)
+    if expr is None:
+        return int(size)
+    if expr.free_symbols:
+        import sympy
+
+        expr = expr.xreplace({sym: sympy.Integer(UNBACKED_SIZE) for sym in expr.free_symbols})
+    return int(expr)
+
+
+def data_dependent_dims(shape) -> list[int]:
+    """Dimensions of ``shape`` whose length depends on data (symbolic after export)."""
+    out = []
+    for d, size in enumerate(shape):
+        expr = getattr(getattr(size, "node", None), "expr", None)
+        if not isinstance(size, int) and expr is not None and expr.free_symbols:
+            out.append(d)
+    return out
+
+
 def shape_of(node) -> tuple[int, ...] | None:
-    """Static shape of a node's value (FakeTensor metadata)."""
+    """Static shape of a node's value (FakeTensor metadata); data-dependent sizes get their stand-in."""
     if not isinstance(node, fx.Node):
         return None
     val = node.meta.get("val")
     shape = getattr(val, "shape", None)
     if shape is None:
         return None
-    return tuple(int(s) for s in shape)
+    return tuple(size_of(s) for s in shape)

@@ -97,7 +97,13 @@ def matmul(ctx: RuleContext, node: fx.Node):
             ctx.use(p_node, last if p_node is a_node else last - 1, "in")
             ctx.use(p_node, last - 1 if p_node is a_node else last, "out")
     nb = len(batch)
-    return batch + [ctx.same(aa[-2], node, nb), ctx.same(ba[-1], node, nb + 1)]
+    out = batch + [ctx.same(aa[-2], node, nb), ctx.same(ba[-1], node, nb + 1)]
+    added = ctx.tensor_axes(node.args[0]) if node.target == aten.baddbmm.default else None
+    for j in range(1, min(len(added or []), len(out)) + 1):
+        # baddbmm adds its input (Bloom's ALiBi bias, [batch*heads, 1, kv]): broadcast like an add
+        if added[-j].size == out[-j].size and out[-j].size > 1:
+            ctx.couple(out[-j], added[-j], "baddbmm input")
+    return out
 
 
 @register(aten.embedding)

@@ -71,7 +71,7 @@ def index_add(ctx: RuleContext, node: fx.Node):
     return [ctx.same(a, node, j) for j, a in enumerate(src)]
 
 
-@register(aten.index_put)
+@register(aten.index_put, aten.index_put_)  # in place too (X-MOD writes the adapters' rows back)
 def index_put(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
     indices = list(node.args[1])

@@ -20,8 +20,12 @@ aten = torch.ops.aten
 # Ops torch does not tag "pointwise" but that keep every element in place.
 _PASSTHROUGH = (
     aten._to_copy, aten.alias, aten.clone, aten.contiguous, aten.detach, aten.dropout,
-    aten.native_dropout, aten.lift_fresh_copy, aten.detach_, aten.masked_fill, aten.where, aten.clamp,
+    aten.native_dropout, aten.lift_fresh_copy, aten.detach_, aten.masked_fill, aten.masked_fill_, aten.where, aten.clamp,
     aten.clamp_min, aten.clamp_max, aten.feature_dropout, aten.alpha_dropout, aten.copy,
+    # in-place ``dst.copy_(src)`` (MLA fills a new_empty key's slices): dst and src are one set of
+    # neurons; dst's ids are shared with the tensor it views, so that tensor carries them too
+    aten.copy_,
+    aten.polar,  # complex rotary tables (DeepSeek-V2): elementwise abs * e^(i angle)
     aten.relu, aten.gelu, aten.silu, aten.tanh, aten.sigmoid, aten.softplus, aten.hardtanh,
     aten.leaky_relu, aten.elu, aten.mish, aten.hardswish, aten.hardsigmoid, aten.celu, aten.selu,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
@@ -111,3 +115,9 @@ def type_as(ctx: RuleContext, node: fx.Node):
           aten._assert_async)
 def no_output(ctx: RuleContext, node: fx.Node):
     return None
+
+
+@register(aten.item, operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne)
+def scalar(ctx: RuleContext, node: fx.Node):
+    # a Python number (``t.item()``, a comparison of sizes): it carries no channels
+    return None if shape_of(node) is None else NotImplemented

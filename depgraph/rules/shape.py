@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .context import Axis, RuleContext, axis_key, op_arg, shape_of
+from .context import Axis, RuleContext, axis_key, op_arg, shape_of, size_of
 from .registry import register
 
 aten = torch.ops.aten
@@ -71,6 +71,9 @@ def reshape_axes(ctx: RuleContext, node: fx.Node, src: list[Axis], out_shape,
         if len(gi) == 1:
             free = [axis for (j, _), axis in zip(gk, fresh) if j in inferred]
             ctx.product(gi[0], fresh, preferred=free[0] if len(free) == 1 else None)
+            for (j, size), axis in zip(gk, fresh):
+                if j not in inferred:  # a factor the code sizes itself (not -1)
+                    ctx.sized_by_code(axis, size, reshape=True)
         elif len(gk) == 1:
             ctx.product(fresh[0], gi)
             ctx.remember_merge(fresh[0], gi)
@@ -92,6 +95,43 @@ def reshape(ctx: RuleContext, node: fx.Node):
     requested = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) else ()
     inferred = frozenset(j for j, size in enumerate(requested) if isinstance(size, int) and size == -1)
     return reshape_axes(ctx, node, src, shape, inferred)
+
+
+@register(aten.reshape_as)
+def reshape_as(ctx: RuleContext, node: fx.Node):
+    """``x.reshape_as(other)``: a reshape to ``other``'s shape (``other`` lends only its shape)."""
+    src = ctx.tensor_axes(node.args[0])
+    shape = shape_of(node)
+    if src is None or shape is None:
+        return NotImplemented
+    return reshape_axes(ctx, node, src, shape)
+
+
+@register(aten.sym_size.int)
+def sym_size(ctx: RuleContext, node: fx.Node):
+    """``x.size(d)`` read at run time (exported for data-dependent sizes): no channel flows into the
+    integer, but code may size something by it, so the dimension read is frozen."""
+    src = ctx.tensor_axes(node.args[0])
+    d = op_arg(node, "dim")
+    if src is None or not isinstance(d, int):
+        return NotImplemented
+    ctx.freeze(src[_dim(d, len(src))], f"size read at {ctx.where()}")
+    return None
+
+
+@register(aten.view_as)
+def view_as(ctx: RuleContext, node: fx.Node):
+    """``x.view_as(other)`` (Beam's per-head attention gate): a reshape whose sizes are ``other``'s at run
+    time, so after a cut they must still match: each output axis is coupled with ``other``'s."""
+    src = ctx.tensor_axes(node.args[0])
+    other = ctx.tensor_axes(node.args[1])
+    shape = shape_of(node)
+    if src is None or other is None or shape is None or [a.size for a in other] != list(shape):
+        return NotImplemented
+    out = reshape_axes(ctx, node, src, shape)
+    for axis, ref in zip(out, other):
+        ctx.couple(axis, ref, "view_as")
+    return out
 
 
 @register(aten.transpose, aten.swapaxes, aten.swapdims)
@@ -142,6 +182,26 @@ def squeeze(ctx: RuleContext, node: fx.Node):
     return [ctx.same(a, node, j) for j, a in enumerate(kept)]
 
 
+@register(aten.view_as_complex, aten.view_as_real)
+def view_as_complex(ctx: RuleContext, node: fx.Node):
+    # complex rotary embeddings (DeepSeek-V2): ``[..., n, 2]`` real pairs <-> ``[..., n]`` complex. The pair
+    # axis (real, imaginary) is layout, never a channel: frozen; every other axis passes through
+    src = ctx.tensor_axes(node.args[0])
+    shape = shape_of(node)
+    if src is None or shape is None:
+        return NotImplemented
+    if node.target == aten.view_as_complex.default:
+        if len(shape) != len(src) - 1:
+            return NotImplemented
+        ctx.freeze(src[-1], f"real/imaginary pair at {ctx.where()}")
+        return [ctx.same(a, node, j) for j, a in enumerate(src[:-1])]
+    if len(shape) != len(src) + 1:
+        return NotImplemented
+    pair = ctx.fresh(node, len(src), shape[-1])
+    ctx.freeze(pair, f"real/imaginary pair at {ctx.where()}")
+    return [ctx.same(a, node, j) for j, a in enumerate(src)] + [pair]
+
+
 @register(aten.expand, aten.expand_copy, aten.broadcast_to)
 def expand(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
@@ -151,6 +211,9 @@ def expand(ctx: RuleContext, node: fx.Node):
     for j, a in enumerate(src):
         size = shape[lead + j]
         out.append(ctx.same(a, node, lead + j) if a.size == size else ctx.fresh(node, lead + j, size))
+    for j, axis in enumerate(out):  # the new (broadcast) axes: each index a copy of the same values
+        if j < lead or src[j - lead].size != axis.size:
+            ctx.broadcasted(axis)
     return out
 
 
@@ -207,6 +270,9 @@ def select(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
     dim = _dim(op_arg(node, "dim"), len(src))
     ctx.freeze(src[dim], f"select at {ctx.where()}")
+    # one expert's slice of a stacked weight (JetMoE's ``self.weight[i]``) is still that weight: its
+    # uses give the parameter's dims their roles ("in" columns are what zero_mask masks)
+    ctx.view_of_param(node.args[0], node, [j for j in range(len(src)) if j != dim])
     kept = [a for j, a in enumerate(src) if j != dim]
     return [ctx.same(a, node, j) for j, a in enumerate(kept)]
 
@@ -268,7 +334,7 @@ def split(ctx: RuleContext, node: fx.Node):
     dim = _dim(op_arg(node, "dim", 0), len(src))
     spec = op_arg(node, "split_size")
     if isinstance(spec, (list, tuple)):  # split.sizes
-        return _pieces(ctx, node, src, dim, list(spec))
+        return _sized_pieces(ctx, node, src, dim, list(spec))
     return _equal_pieces(ctx, node, src, dim, int(spec))
 
 
@@ -277,7 +343,38 @@ def split_with_sizes(ctx: RuleContext, node: fx.Node):
     # explicit sizes (q/k/v of different widths): each piece follows its own structure
     src = ctx.tensor_axes(node.args[0])
     dim = _dim(op_arg(node, "dim", 0), len(src))
-    return _pieces(ctx, node, src, dim, list(op_arg(node, "split_sizes")))
+    sizes = list(op_arg(node, "split_sizes"))
+    if not all(isinstance(size, int) for size in sizes):
+        return _data_pieces(ctx, node, src, dim)
+    return _sized_pieces(ctx, node, src, dim, sizes)
+
+
+def _data_pieces(ctx: RuleContext, node: fx.Node, src: list[Axis], dim: int):
+    """Split by sizes computed from data (JetMoE groups tokens by expert with ``expert_size.tolist()``):
+    the split axis is data, frozen, and each piece gets its own (data-sized) axis there; the other
+    axes pass through to every piece."""
+    vals = node.meta.get("val")
+    if not isinstance(vals, (list, tuple)):
+        return NotImplemented
+    ctx.freeze(src[dim], f"split by data at {ctx.where()}")
+    pieces = []
+    for k, val in enumerate(vals):
+        piece = [Axis(axis_key(f"{node.name}.{k}", j), a.ids) for j, a in enumerate(src)]
+        piece[dim] = Axis(axis_key(f"{node.name}.{k}", dim), ctx.new_ids(size_of(val.shape[dim])))
+        ctx.freeze(piece[dim], f"split by data at {ctx.where()}")
+        for a, b in zip(src, piece):
+            ctx.axis_edges.append((a.key, b.key, str(node.target)))
+        pieces.append(piece)
+    return pieces
+
+
+def _sized_pieces(ctx: RuleContext, node: fx.Node, src: list[Axis], dim: int, sizes: list[int]):
+    """Pieces of explicit sizes: the module passes those sizes (``[self.intermediate_size,
+    self.conv_dim, self.num_heads]``), so each piece's length is recorded as set by the code."""
+    pieces = _pieces(ctx, node, src, dim, sizes)
+    for piece, size in zip(pieces, sizes):
+        ctx.sized_by_code(piece[dim], size)
+    return pieces
 
 
 @register(aten.chunk, aten.unsafe_chunk)
@@ -328,12 +425,33 @@ def index_select(ctx: RuleContext, node: fx.Node):
     return [ctx.fresh(node, j, shape[j]) if j == dim else ctx.same(a, node, j) for j, a in enumerate(src)]
 
 
+def _is_mask(arg) -> bool:
+    val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+    return val is not None and val.dtype in (torch.bool, torch.uint8)
+
+
+def _masked(ctx: RuleContext, node: fx.Node, src: list[Axis], shape, d: int, mask: fx.Node):
+    """``x[:, mask]`` with a boolean mask over dims ``d .. d+k-1`` (X-MOD picks the rows of one language):
+    those dims become one axis of the selected elements (data: frozen, like the masked dims); the
+    dims before and after pass through, so the channels the rows carry stay prunable."""
+    k = len(mask.meta["val"].shape)
+    if len(shape) != len(src) - k + 1 or [a.size for a in src[d:d + k]] != list(shape_of(mask) or ()):
+        return NotImplemented
+    for axis in src[d:d + k]:
+        ctx.freeze(axis, f"boolean mask at {ctx.where()}")
+    picked = ctx.fresh(node, d, shape[d])
+    ctx.freeze(picked, f"boolean mask at {ctx.where()}")
+    before = [ctx.same(a, node, j) for j, a in enumerate(src[:d])]
+    after = [ctx.same(a, node, d + 1 + j) for j, a in enumerate(src[d + k:])]
+    return before + [picked] + after
+
+
 @register(aten.index.Tensor)
 def index(ctx: RuleContext, node: fx.Node):
     """Advanced indexing ``x[..., idx, ...]``: indexed axes are frozen, the other axes pass through.
 
     The broadcast index dims go where numpy puts them: in place of the indexed dims when
-    those are adjacent, first otherwise. Boolean masks (data-dependent shapes) are not handled.
+    those are adjacent, first otherwise. One boolean mask: :func:`_masked`; other masks are not handled.
     """
     src = ctx.tensor_axes(node.args[0])
     shape = shape_of(node)
@@ -341,6 +459,8 @@ def index(ctx: RuleContext, node: fx.Node):
     if src is None or shape is None:
         return NotImplemented
     where = [d for d, ix in enumerate(indices) if ix is not None]
+    if len(where) == 1 and _is_mask(indices[where[0]]):
+        return _masked(ctx, node, src, shape, where[0], indices[where[0]])
     idx_axes = []
     for d in where:
         val = indices[d].meta.get("val") if isinstance(indices[d], fx.Node) else None
@@ -350,6 +470,9 @@ def index(ctx: RuleContext, node: fx.Node):
         idx_axes.append(axes)
     if not where:
         return [ctx.same(a, node, j) for j, a in enumerate(src)]
+    fixed = constant_values(ctx, indices[where[0]]) if len(where) == 1 else None
+    if fixed is not None and fixed.ndim == 1 and len(shape) == len(src):
+        return _constant_index(ctx, node, src, where[0], fixed)
     nb = max(len(a) for a in idx_axes)
     rest = [(d, a) for d, a in enumerate(src) if d not in where]
     adjacent = where == list(range(where[0], where[-1] + 1))
@@ -370,6 +493,42 @@ def index(ctx: RuleContext, node: fx.Node):
             _, axis = rest[j if j < pos else j - nb]
             out.append(ctx.same(axis, node, j))
     return out
+
+
+_CONSTANT_VIEWS = {aten.lift_fresh_copy.default, aten.clone.default, aten.detach.default,
+                   aten._to_copy.default, aten.alias.default}
+
+
+def constant_values(ctx: RuleContext, arg) -> np.ndarray | None:
+    """Values of an integer tensor constant written in the model's code (``x[..., [-2], :]``), else None."""
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in _CONSTANT_VIEWS:
+        arg = arg.args[0]
+    value = ctx.constants.get(arg.name) if isinstance(arg, fx.Node) else None
+    if value is None or value.dtype in (torch.bool, torch.uint8):
+        return None
+    return value.detach().cpu().numpy().astype(np.int64)
+
+
+def _constant_index(ctx: RuleContext, node: fx.Node, src: list[Axis], dim: int, values: np.ndarray):
+    """``x[..., idx, ...]`` with a fixed 1-D ``idx``: the picked neurons carry through.
+
+    A fixed index keeps naming the same neuron after a cut only if nothing between it and the end
+    it counts from is cut: index ``v >= 0`` needs positions ``0..v`` kept, ``v < 0`` positions
+    ``n+v..n-1``. Those are frozen; the rest of the axis stays prunable (Falcon's fused
+    ``[query heads.., k, v]`` axis: k and v picked by ``[-2]``/``[-1]``, the query heads cut).
+    """
+    n = src[dim].size
+    if values.size and (values.max() >= n or values.min() < -n):
+        return NotImplemented
+    kept = np.zeros(n, dtype=bool)
+    for v in values.tolist():
+        if v >= 0:
+            kept[:v + 1] = True
+        else:
+            kept[n + v:] = True
+    ctx.freeze(src[dim].ids[kept], f"fixed index at {ctx.where()}")
+    picked = src[dim].ids[values % n] if n else src[dim].ids
+    return [ctx.same(a, node, j, picked if j == dim else None) for j, a in enumerate(src)]
 
 
 @register(operator.getitem)
