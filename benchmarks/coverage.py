@@ -12,7 +12,10 @@ intermediate 128, 2 layers, 4 heads, 2 KV heads, head_dim 16, vocab 1000 with sp
 range, 128 positions, MoE 4 experts / 2 per token / expert width 32, per-layer lists such as
 ``layer_types`` trimmed to 2 layers keeping distinct layer kinds). Out of scope and recorded as skipped:
 multimodal / composite configs (vision, audio, ... sub-configs), encoder-decoder halves, pure SSM/RNN
-models, and configs or models that fail to build (first line of the exception).
+models, and configs or models that fail to build (first line of the exception, after retrying with KV heads =
+heads, with every layer of the attention-keeping kind, with None-default sizes set, and with the class default
+of an override the config's validator rejects; flagged as a transformers bug when the config's own defaults
+fail with the same error).
 
 Every built model then goes through, in its own child process with a timeout (a hang is a
 ``timeout`` cell, never a blocked run):
@@ -60,6 +63,8 @@ SEED = 0
 # ---- the generic tiny config ----------------------------------------------------------------------------
 
 HIDDEN, INTER, LAYERS, HEADS, KV, HEAD_DIM, VOCAB, POSITIONS = 64, 128, 2, 4, 2, 16, 1000, 128
+DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers",
+                "num_decoder_layers", "num_encoder_layers")
 SIZES: dict[str, int] = {
     **dict.fromkeys(("hidden_size", "n_embd", "d_model", "n_embed", "embed_dim", "model_dim", "emb_dim",
                      "word_embed_proj_dim", "embedding_size", "input_embedding_size", "lru_width",
@@ -68,8 +73,7 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size", "decoder_ffn_dim",
                      "encoder_ffn_dim", "d_inner", "dim_ff", "dff", "feed_forward_size", "intermediate_size_mlp",
                      "dense_intermediate_size", "prefix_dense_intermediate_size"), INTER),
-    **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers",
-                     "num_decoder_layers", "num_encoder_layers"), LAYERS),
+    **dict.fromkeys(DEPTH_FIELDS, LAYERS),
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads",
                      "encoder_attention_heads", "attention_heads", "num_encoder_attention_heads",
                      "num_decoder_attention_heads", "swa_num_attention_heads"), HEADS),
@@ -91,11 +95,14 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("moe_intermediate_size", "expert_ffn_hidden_size", "shared_expert_intermediate_size",
                      "moe_shared_expert_intermediate_size", "shared_experts_intermediate_size",
                      "shared_intermediate_size"), 32),
+    "zero_expert_num": 2,  # LongCat-Flash's identity ("zero") experts, routed beside the real ones
     **dict.fromkeys(("n_shared_experts", "num_shared_experts", "moe_num_shared_experts", "n_group", "topk_group",
                      "first_k_dense_replace", "decoder_sparse_step"), 1),
     # linear-attention / indexer heads of hybrid models
     **dict.fromkeys(("linear_num_key_heads", "index_n_heads", "indexer_n_heads", "linear_num_heads"), 2),
     "linear_num_value_heads": 4,
+    # Qwen4-Exp's QSA token indexer (one key head; the budget a multiple of the compression ratio)
+    "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM, "indexer_budget": 4, "indexer_compress_ratio": 2,
     # Mamba mixers of hybrid models: heads x head_dim must equal expand x hidden (2 x 64)
     "mamba_n_heads": 8, "mamba_num_heads": 8, "mamba_expand": 2, "mamba_d_ssm": 128,
 }
@@ -112,6 +119,9 @@ KV_FIELDS = {k for k, v in SIZES.items() if v == KV and "head" in k}
 MULTIMODAL = re.compile(r"vision|audio|speech|image|visual|video|vq|patcher|encoder|decoder|depth", re.I)
 PURE_SSM = {"mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm"}
 SSM_FIELDS = ("state_size", "ssm_state_size", "d_state", "mamba_d_state", "conv_kernel", "time_step_rank")
+# a field equal to its partner in the class defaults keeps following it (LongCat-Flash's rotary embedding is
+# sized by ``head_dim``, which its MLA attention applies to the ``qk_rope_head_dim`` slice)
+TIED: dict[str, str] = {"head_dim": "qk_rope_head_dim"}
 HEAD_FIELDS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads",
                "decoder_attention_heads")
 LAYER_INDEX_LIST = re.compile(r"(idx|indices|index|ids|layers)$")
@@ -180,14 +190,22 @@ def _trim_per_layer(values: list, n: int) -> list:
     return [values[i] for i in sorted(picked)]
 
 
-def _keep_attention(defaults: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+def _keep_attention(defaults: dict[str, Any], out: dict[str, Any],
+                    instance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hybrid (attention + SSM / recurrent) configs: make the tiny depth keep an attention layer.
 
-    Three generic spellings: a ``*_period`` / ``*_offset`` pair placing attention beyond the tiny depth
+    Four generic spellings: a ``*_period`` / ``*_offset`` pair placing attention beyond the tiny depth
     (Jamba's ``attn_layer_offset=4``), an attention layer-index list left to None (Bamba's
-    ``attn_layer_indices``: no attention at all), and a repeating pattern of block kinds whose first
-    layers are all recurrent (RecurrentGemma's ``block_types``)."""
+    ``attn_layer_indices``: no attention at all), a repeating pattern of block kinds whose first
+    layers are all recurrent (RecurrentGemma's ``block_types``), and a transformers ``layer_types`` list
+    derived (default None) as all ``linear_attention`` layers (GraniteMoeHybrid, whose config holds attention heads):
+    its last layer becomes ``full_attention``, transformers' name for an attention layer."""
     extra: dict[str, Any] = {}
+    kinds = (instance or {}).get("layer_types")
+    if ("layer_types" in defaults and defaults["layer_types"] is None and "layer_types" not in out
+            and isinstance(kinds, (list, tuple)) and kinds and all(isinstance(v, str) for v in kinds)
+            and all("linear" in v for v in kinds) and any(k in defaults for k in HEAD_FIELDS)):
+        extra["layer_types"] = [kinds[0]] * (LAYERS - 1) + ["full_attention"]
     for name, value in defaults.items():
         if name in out or isinstance(value, bool):
             continue
@@ -203,8 +221,11 @@ def _keep_attention(defaults: dict[str, Any], out: dict[str, Any]) -> dict[str, 
     return extra
 
 
-def tiny_overrides(config_cls) -> dict[str, Any]:
-    """Keyword overrides that make ``config_cls`` tiny (only fields the class has)."""
+def tiny_overrides(config_cls, fill_none: bool = False) -> dict[str, Any]:
+    """Keyword overrides that make ``config_cls`` tiny (only fields the class has).
+
+    ``fill_none``: also set the size fields whose default is None (a None default usually means "derived"
+    or "feature off"; Qwen4-Exp's default layers nevertheless need its None-default QSA indexer sizes)."""
     defaults = _defaults(config_cls)
     is_moe = any(defaults.get(k) for k in MOE_FIELDS)
     out: dict[str, Any] = {}
@@ -213,7 +234,8 @@ def tiny_overrides(config_cls) -> dict[str, Any]:
             continue
         if isinstance(value, bool):
             continue
-        if value is None and name not in SET_IF_NONE and not (is_moe and name in MOE_FIELDS):
+        if (value is None and not fill_none and name not in SET_IF_NONE
+                and not (is_moe and name in MOE_FIELDS)):
             continue
         if isinstance(value, int) and value == 0:
             continue  # a disabled feature (0 experts, no shared expert): keep it disabled
@@ -239,7 +261,11 @@ def tiny_overrides(config_cls) -> dict[str, Any]:
               and "token" not in name):
             kept = [v for v in value if v < LAYERS]
             out[name] = type(value)(kept or [LAYERS - 1])
-    out.update(_keep_attention(defaults, out))
+    out.update(_keep_attention(defaults, out, instance))
+    for name, partner in TIED.items():
+        if (name in out and partner in out and isinstance(defaults.get(name), int)
+                and defaults.get(name) == defaults.get(partner)):
+            out[name] = out[partner]
     # special token ids must index the small vocabulary
     vocab = out.get("vocab_size", defaults.get("vocab_size"))
     if isinstance(vocab, int):
@@ -278,18 +304,55 @@ def skip_reason(entry: Entry) -> str | None:
     return None
 
 
-def build_config(entry: Entry, mha: bool = False):
+def _one_kind(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer lists of layer kinds with every layer of the last (attention-keeping) kind."""
+    return {k: type(v)([v[-1]] * len(v)) if (isinstance(v, (list, tuple)) and len(v) == LAYERS
+                                             and all(isinstance(x, str) for x in v) and len(set(v)) > 1) else v
+            for k, v in kwargs.items()}
+
+
+def _construct(config_cls, kwargs: dict[str, Any], revert: bool = False):
+    """``config_cls(**kwargs)``; with ``revert``, an override that a validator rejects by name falls back to
+    the class default.
+
+    E.g. ZAYA's validator accepts ``num_experts_per_tok=1`` only. Depth fields are never reverted (the
+    per-layer lists follow the tiny depth); the first error is raised when no reverting helps."""
+    kwargs = dict(kwargs)
+    first: Exception | None = None
+    for _ in range(4):
+        try:
+            return config_cls(**kwargs)
+        except Exception as exc:  # noqa: BLE001
+            first = first or exc
+            if not revert:
+                break
+            named = [k for k in kwargs if k in SIZES and k not in DEPTH_FIELDS
+                     and re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", str(exc))]
+            if not named:
+                break
+            for k in named:
+                kwargs.pop(k)
+    assert first is not None
+    raise first
+
+
+def build_config(entry: Entry, mha: bool = False, one_kind: bool = False, fill_none: bool = False,
+                 revert: bool = False):
     """The tiny config of ``entry`` (sub-configs such as DBRX's ``attn_config`` shrunk too).
 
     ``mha``: KV heads = query heads (for models whose attention needs it, e.g. multi-head latent attention).
+    ``one_kind``: every layer of the attention-keeping kind, for hybrids that share one block across all
+    layers of that kind and need two of them (Zamba ties its ``shared_transf`` into the other hybrid layers).
+    ``fill_none``: size fields with a None default set too (see ``tiny_overrides``).
+    ``revert``: an override the config's validator rejects by name falls back to the class default.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     def shrink(cls) -> dict[str, Any]:
-        kwargs = tiny_overrides(cls)
+        kwargs = tiny_overrides(cls, fill_none)
         if mha:
             kwargs.update({k: HEADS for k in kwargs if k in KV_FIELDS})
-        return kwargs
+        return _one_kind(kwargs) if one_kind else kwargs
 
     config_cls = CONFIG_MAPPING[entry.arch]
     kwargs = shrink(config_cls)
@@ -302,15 +365,16 @@ def build_config(entry: Entry, mha: bool = False):
     for key, sub_cls in (getattr(config_cls, "sub_configs", {}) or {}).items():
         if isinstance(sub_cls, type):
             kwargs[key] = shrink(sub_cls)  # a dict: the parent config builds (and completes) the sub-config
-    return config_cls(**kwargs)
+    return _construct(config_cls, kwargs, revert)
 
 
-def build_model(entry: Entry, mha: bool = False):
+def build_model(entry: Entry, mha: bool = False, one_kind: bool = False, fill_none: bool = False,
+                revert: bool = False):
     """A seeded, eval-mode tiny random model of ``entry``."""
     import torch
     import transformers
 
-    config = build_config(entry, mha)
+    config = build_config(entry, mha, one_kind, fill_none, revert)
     model_cls = getattr(transformers, entry.model_class)
     torch.manual_seed(SEED)
     model = model_cls(config).eval()
@@ -323,16 +387,20 @@ def build_model(entry: Entry, mha: bool = False):
 
 
 def build_runnable(entry: Entry, ids_shape: tuple[int, int] = (2, 8)):
-    """The tiny model, its eval ids and logits; retried with KV heads = heads when the GQA build fails.
+    """The tiny model, its eval ids and logits; retried with KV heads = heads when the GQA build fails, then
+    with every layer of the attention-keeping kind, then with the None-default size fields set, then with the
+    class default of any override the config's validator rejects by name (see ``build_config``).
 
     Returns ``(model, ids, logits, variant)``; raises the first attempt's error when no variant runs.
     """
     import torch
 
     first: Exception | None = None
-    for variant, mha in (("gqa", False), ("mha", True)):
+    variants = {"gqa": {}, "mha": {"mha": True}, "one-kind": {"one_kind": True}, "fill-none": {"fill_none": True},
+                "revert": {"revert": True}}
+    for variant, flags in variants.items():
         try:
-            model = build_model(entry, mha)
+            model = build_model(entry, **flags)
             gen = torch.Generator().manual_seed(SEED)
             vocab = vocab_of(model)
             ids = torch.randint(3, max(vocab, 4), ids_shape, generator=gen)
@@ -341,6 +409,22 @@ def build_runnable(entry: Entry, ids_shape: tuple[int, int] = (2, 8)):
             first = first or exc
     assert first is not None
     raise first
+
+
+def defaults_fail_alike(entry: Entry, exc: BaseException) -> bool:
+    """Whether the config's own defaults fail to build the model with the same error as the tiny build (a
+    transformers bug, not our derivation); built on the meta device, so default sizes cost nothing."""
+    import torch
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config = CONFIG_MAPPING[entry.arch]()
+        with torch.device("meta"):
+            getattr(transformers, entry.model_class)(config)
+    except Exception as default_exc:  # noqa: BLE001
+        return _error(default_exc) == _error(exc)
+    return False
 
 
 # ---- the checks (child side) ---------------------------------------------------------------------------
@@ -429,7 +513,9 @@ def run_entry(entry: Entry, stage: Stage | None = None, workdir: Path | None = N
         try:
             model, ids, base, rec["variant"] = build_runnable(entry)
         except Exception as exc:  # noqa: BLE001 - any build failure is a recorded skip
-            rec.update(status="skip", reason=f"build failed: {_error(exc)}")
+            bug = " (the config's own defaults fail alike: a transformers bug)" if defaults_fail_alike(entry, exc) \
+                else ""
+            rec.update(status="skip", reason=f"build failed{bug}: {_error(exc)}")
             return rec
         rec["params"] = sum(p.numel() for p in model.parameters())
         pristine = copy.deepcopy(model)

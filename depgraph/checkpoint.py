@@ -88,7 +88,21 @@ def model_diff(model: nn.Module, config=None) -> dict:
         local = getattr(module, "config", None)
         if local is not None and local is not model.config and hasattr(local, "to_dict"):
             configs[path] = {k: v for k, v in local.to_dict().items() if base.get(k) != v}
-    return {"shapes": shapes, "attrs": attrs, "configs": configs, "modules": _module_mismatch(model, ref)}
+    return {"shapes": shapes, "attrs": attrs, "configs": configs, "modules": _module_mismatch(model, ref),
+            "containers": _container_mismatch(model, ref)}
+
+
+def _container_mismatch(model: nn.Module, ref: nn.Module) -> dict[str, list[str]]:
+    """Module lists/dicts holding other entries than a fresh build (experts removed from one block only):
+    the keys to keep, in order, so the loader can drop the rest before loading the weights."""
+    ref_modules = dict(ref.named_modules())
+    out = {}
+    for path, module in model.named_modules():
+        other = ref_modules.get(path)
+        if (isinstance(module, (nn.ModuleList, nn.ModuleDict)) and type(other) is type(module)
+                and list(module._modules) != list(other._modules)):
+            out[path] = list(module._modules)
+    return out
 
 
 def _module_mismatch(model: nn.Module, ref: nn.Module) -> list[str]:
@@ -121,6 +135,7 @@ def _runtime_config(model: nn.Module, config):
             if type(stated) is type(value) and stated != value:
                 seen.setdefault(key, set()).add(value)
     settings = {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
+    cause: Exception | None = None
     if settings:
         runtime = copy.deepcopy(config)
         for key, value in settings.items():
@@ -128,11 +143,11 @@ def _runtime_config(model: nn.Module, config):
         try:
             if not model_diff(model, runtime)["modules"]:
                 return runtime
-        except Exception:  # the setting does not build: report the mismatch below
-            pass
+        except Exception as exc:  # the setting does not build: report the mismatch below
+            cause = exc
     raise DepGraphError(f"{type(model).__name__} cannot be checkpointed: module(s) {', '.join(mismatch[:3])} are "
                         "of another class than a fresh build from its config makes (replaced at run time?), "
-                        "so a reloaded model would compute something else")
+                        "so a reloaded model would compute something else") from cause
 
 
 def _hf_compatible(model: nn.Module) -> bool:
@@ -143,7 +158,7 @@ def _hf_compatible(model: nn.Module) -> bool:
         diff = model_diff(model)
     except Exception:  # e.g. the config class rejects hidden_size % heads != 0
         return False
-    return not (diff["shapes"] or diff["attrs"] or diff["configs"] or diff["modules"])
+    return not (diff["shapes"] or diff["attrs"] or diff["configs"] or diff["modules"] or diff["containers"])
 
 
 def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -169,7 +184,8 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs) -> dict:
     base = getattr(model, BASE_CONFIG_ATTR, None) or model.config
     if not compatible:
         base = _runtime_config(model, base)
-    state = {"shapes": {}, "attrs": {}, "configs": {}, "modules": []} if compatible else model_diff(model, base)
+    state = ({"shapes": {}, "attrs": {}, "configs": {}, "modules": [], "containers": {}} if compatible
+             else model_diff(model, base))
     state.update(format=1, cls=type(model).__name__, module=type(model).__module__, hf_compatible=compatible,
                  base_config=None if compatible else base.to_dict())
     if state["hf_compatible"]:
@@ -208,6 +224,13 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         for key, value in pruned.items():  # plain attributes: no re-validation of per-layer sizes
             if key not in ("transformers_version", "architectures", "model_type") and not key.startswith("_"):
                 setattr(config, key, value)
+        modules = dict(model.named_modules())
+        for mpath, keys in state.get("containers", {}).items():  # absent in older checkpoints
+            entries = modules[mpath]._modules
+            if any(k not in entries for k in keys):
+                raise DepGraphError(f"checkpoint {path}: {mpath} holds entries {keys[:5]}..., which a fresh "
+                                    f"build does not have ({list(entries)[:5]}...)")
+            modules[mpath]._modules = type(entries)((k, entries[k]) for k in keys)
         modules = dict(model.named_modules())
         for mpath, diff in state["configs"].items():
             local = copy.copy(config)  # no re-validation: per-layer sizes may break the class's checks

@@ -369,9 +369,12 @@ def _group_edits(graph, checked: dict[Group, np.ndarray], guess_inner: bool = Tr
         if config is not None and not pinned_head_dim:
             pinned_head_dim = _pin_head_dim(config, edits)
         attention = _attention_scopes(model, graph)
+        owned = _member_tensors(model, group)
         for path, module in model.named_modules():
             if (path + ".").startswith(attention):
                 continue  # there these names mean heads x head_dim (handled with the B groups)
+            if _foreign(module, owned):
+                continue  # weights, but none of these channels': its sizes are another structure's
             shape = getattr(module, "normalized_shape", None)
             if (not any(True for _ in module.parameters(recurse=False)) and isinstance(shape, tuple)
                     and shape == (group.size,)):

@@ -22,19 +22,23 @@ from . import groups as G
 from . import layers
 from .errors import TraceError, UnsupportedModelError
 from .rules import Axis, RuleContext, lookup, module_path, shape_of
-from .rules.context import axis_key, data_dependent_dims, size_of
+from .rules.context import axis_key, data_dependent_dims, is_multi, size_of
 from .trace import export, normalise_inputs
 
 log = logging.getLogger("depgraph")
-MAX_FACTOR_ROUNDS = 8
+MAX_FACTOR_ROUNDS = 8  # reshape-decision rounds (see _build_groups); a guard, they settle sooner
+MAX_UNIFY_ROUNDS = 8  # rounds coupling the factors of coupled reshapes; a guard as well
+
+
+def _parts(value) -> list[list[Axis]]:
+    """The axis lists of a node's outputs (one for a single-output op)."""
+    if is_multi(value):
+        return [list(p or []) for p in value]
+    return [list(value or [])]
 
 
 def _flat_axes(value) -> list[Axis]:
-    if value is None:
-        return []
-    if value and isinstance(value[0], list):
-        return [a for part in value for a in part]
-    return list(value)
+    return [a for part in _parts(value) for a in part]
 
 
 class DependencyBuilder:
@@ -118,8 +122,7 @@ class DependencyBuilder:
         """Axes whose length depends on data (a boolean mask's rows, a length read with ``.item()``) are data."""
         val = node.meta.get("val")
         vals = list(val) if isinstance(val, (list, tuple)) else [val]
-        parts = result if result and isinstance(result[0], list) else [result]
-        for v, axes in zip(vals, parts):
+        for v, axes in zip(vals, _parts(result)):  # an output without axes has an empty list
             for d in data_dependent_dims(getattr(v, "shape", None) or ()):
                 if axes and d < len(axes):
                     self.ctx.freeze(axes[d], f"data-dependent size at {self.ctx.where()}")
@@ -203,15 +206,29 @@ class DependencyGraph:
         # reshapes whose wholes are coupled share their factors (q/k/v/ALiBi merged into a bmm's
         # [batch*heads] axis): couple those until no new component merges
         edge_a, edge_b = list(ctx.edge_a), list(ctx.edge_b)
-        for _ in range(MAX_FACTOR_ROUNDS):
-            unify_a, unify_b = G.unify_factors(ctx.relations, labels)
-            merged = G.components(ctx.next_id, edge_a + unify_a, edge_b + unify_b) if unify_a else labels
+        frozen = list(ctx.frozen)
+        added: set[tuple[int, int]] = set()  # factor pairs already coupled (by identity)
+        for round_ in range(MAX_UNIFY_ROUNDS + 1):
+            unify_a, unify_b, unify_rel = G.unify_factors(ctx.relations, labels)
+            new = [k for k, (a, b) in enumerate(zip(unify_a, unify_b)) if (id(a), id(b)) not in added]
+            if not new:
+                break
+            if round_ == MAX_UNIFY_ROUNDS:
+                # still finding new couplings: keep every reshape involved whole (conservative)
+                for k in new:
+                    rel = ctx.relations[unify_rel[k]]
+                    frozen.append((rel.whole, f"unsettled factor coupling at {rel.where}"))
+                    frozen.extend((f, f"unsettled factor coupling at {rel.where}") for f in rel.factors)
+                break  # graph.frozen gives the reason, _warn_kept_whole names the modules
+            added.update((id(unify_a[k]), id(unify_b[k])) for k in new)
+            edge_a = edge_a + [unify_a[k] for k in new]
+            edge_b = edge_b + [unify_b[k] for k in new]
+            merged = G.components(ctx.next_id, edge_a, edge_b)
             if merged.max() == labels.max():
                 break
-            edge_a, edge_b, labels = edge_a + unify_a, edge_b + unify_b, merged
+            labels = merged
         # a bmm marks its merged [batch*heads] axis: the heads are that reshape's factor
         head_ids = G.heads_through_products(ctx.head_ids, ctx.relations, labels)
-        frozen = list(ctx.frozen)
         frozen_comp = G.frozen_components(labels, frozen)
         # Decide each reshape's unit factor, then re-check with the merged components until the
         # decisions settle: freezes only accumulate, so this reaches a fixpoint; the cap is a guard.
@@ -224,7 +241,7 @@ class DependencyGraph:
             if round_ == MAX_FACTOR_ROUNDS:
                 # still changing: freeze every reshape whose choice keeps flipping (conservative),
                 # then settle once more with those frozen; the loop ends here whatever happens
-                for rel, now, before in zip(ctx.relations, decisions, previous):
+                for rel, now, before in zip(ctx.relations, decisions, previous or [-1] * len(decisions)):
                     if now != before:
                         frozen.append((rel.whole, f"unsettled reshape at {rel.where}"))
                         frozen.extend((f, f"unsettled reshape at {rel.where}") for f in rel.factors)
@@ -270,8 +287,9 @@ class DependencyGraph:
         self._report(ctx, labels, frozen, frozen_comp, param_axes)
         self._warn_kept_whole()
 
-    def _unsized_splits(self, ctx: RuleContext, labels, frozen_comp, param_axes,
-                        head_ids=()) -> list[tuple[np.ndarray, str]]:
+    def _unsized_splits(self, ctx: RuleContext, labels: np.ndarray, frozen_comp: np.ndarray,
+                        param_axes: list[G.ParamAxis],
+                        head_ids: list[np.ndarray] | tuple = ()) -> list[tuple[np.ndarray, str]]:
         """Freezes for lengths written in a module's code that no attribute the cut updates holds.
 
         ``torch.split(x, [self.intermediate_size, self.conv_dim, self.num_heads])`` (Mamba's in_proj),
@@ -280,6 +298,12 @@ class DependencyGraph:
         unless the attribute holding them is one the cut rescales for that group's kind (MLP width for
         A, rank fields for latent A, head sizes for B, hidden size for C). A provisional grouping gives
         the kinds; such lengths are never cut.
+
+        A head count in a reshape beside a ``-1`` (``view(b, s, self.nh, -1)``) is the same (the ``-1`` would
+        absorb a stale count as a smaller head_dim, silently): the cut rescales it only
+        when it is a head-size attribute (or config field) of a module inside the head group's scope
+        that holds some of the group's weights or none at all (see ``cut._foreign``). Otherwise the
+        stale count would re-split the remaining rows into the old number of smaller heads.
         """
         out: list[tuple[np.ndarray, str]] = []
         if not ctx.sized:
@@ -288,34 +312,58 @@ class DependencyGraph:
         param_ids = {(pa.param, pa.dim): pa.ids for pa in param_axes}
         G.classify(groups, comp_group, labels, list(head_ids), ctx.embed_ids, param_ids, ctx.mixed)
         modules = dict(self.model.named_modules())
-        for ids, size, where, path, reshape in ctx.sized:
+        tensors = dict(self.model.named_parameters())
+        for ids, size, where, path, reshape, beside_inferred in ctx.sized:
             found = comp_group[labels[ids]]
             for gi in np.unique(found[found >= 0]).tolist():
                 group = groups[gi]
-                if reshape and group.kind is G.GroupKind.B:
-                    continue  # head reshapes: head counts are rescaled with the heads (and checked)
+                if reshape and group.kind is G.GroupKind.B and not beside_inferred:
+                    # ``view(b, s, self.heads, self.head_dim)``: every factor is written and head_dim is
+                    # kept whole, so a stale head count cannot fit the cut width: the cut fails loudly
+                    # (refused, model unchanged), it cannot re-split the heads
+                    continue
                 leaves = {m.param.rsplit(".", 2)[-2] for m in group.members if "." in m.param}
                 module = modules.get(path)
                 held = module is not None and layers.size_attribute(
                     module, size, group.kind.value, bool(group.extra.get("latent")), leaves, group.size) is not None
+                if reshape and group.kind is G.GroupKind.B:
+                    held = module is not None and self._head_count_updated(module, path, size, group, groups,
+                                                                           tensors)
                 if not held:
                     out.append((ids, f"length {size} written in the code at {where}: no attribute the "
                                      f"{group.kind.value} cut updates holds it"))
                     break
         return out
-        modules = dict(self.model.named_modules())
-        for ids, size, where, path in ctx.sized:
-            comps = np.unique(labels[ids])
-            if frozen_comp[comps].all():
-                continue
-            leaves = {pa.param.rsplit(".", 2)[-2] for pa in param_axes
-                      if "." in pa.param and np.isin(labels[pa.ids], comps).any()}
-            module = modules.get(path)
-            if module is not None and layers.size_attribute(module, size, leaves) is not None:
-                continue
-            out.append((ids, f"split sizes at {where} are fixed by the module: no size attribute the cut "
-                             f"updates holds {size}"))
-        return out
+
+    @staticmethod
+    def _head_count_updated(module: nn.Module, path: str, size: int, group: G.Group, groups: list[G.Group],
+                            tensors: dict[str, torch.Tensor]) -> bool:
+        """Does a head cut of ``group`` rescale the head count ``size`` that ``module``'s code reads?
+
+        The cut (``cut._group_edits``) edits head-size attributes (``layers.HEAD_ATTRS``) of the modules
+        under the group's scope (its name, without the ``#k`` only when no other head group shares the
+        name) that hold some of its weights or none (a parameter-free core attention), and head-count
+        fields of the config (``layers.HEAD_CONFIG``)."""
+        scope = group.name.split("#", 1)[0]
+        if sum(g.kind is G.GroupKind.B and g.name.split("#", 1)[0] == scope for g in groups) > 1:
+            scope = group.name  # as cut._scope_name: then no module is named so, nothing is rescaled
+        if not scope or not (path == scope or path.startswith(scope + ".")):
+            return False
+        owned = {id(tensors[m.param]) for m in group.members if m.param in tensors}
+        params = [id(p) for p in module.parameters()]
+        if params and not any(p in owned for p in params):
+            return False  # the cut leaves this module's sizes alone
+        if layers.size_attribute(module, size, "B", False, set(), group.size) is not None:
+            return True
+        config = getattr(module, "config", None)
+        for name in layers.HEAD_CONFIG:
+            try:
+                value = getattr(config, name, None) if config is not None else None
+            except Exception:  # a per-layer field of a heterogeneous config
+                value = None
+            if isinstance(value, int) and not isinstance(value, bool) and value == size and value % group.size == 0:
+                return True
+        return False
 
     def _warn_kept_whole(self) -> None:
         """One warning per module whose weights' channels are frozen because the rules cannot prove a
@@ -323,7 +371,7 @@ class DependencyGraph:
         recurrent mixer of a hybrid model (Mamba, gated delta net), left whole while the rest prunes."""
         by_module: dict[str, list[str]] = {}
         for (param, dim), reason in self.frozen.items():
-            if reason.startswith(("reshape at ", "length ")) and param not in self.buffers:
+            if reason.startswith(("reshape at ", "length ", "unsettled ")) and param not in self.buffers:
                 where = reason.rsplit(" at ", 1)[-1].split(":")[0]
                 by_module.setdefault(where, []).append(f"{param} dim {dim}")
         for where, dims in by_module.items():
@@ -381,7 +429,7 @@ class DependencyGraph:
         for name, value in ctx.axes.items():
             node = nodes.get(name)
             param = ctx.param_of_node.get(name)
-            for part, axes in enumerate(value if value and isinstance(value[0], list) else [value or []]):
+            for part, axes in enumerate(_parts(value)):
                 for d, axis in enumerate(axes):
                     key = axis.key if param else axis_key(name if part == 0 else f"{name}.{part}", d)
                     group = self._majority_group(axis.ids)

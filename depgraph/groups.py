@@ -197,18 +197,21 @@ def resolve_products(relations: list[Relation], labels: np.ndarray, frozen_comp:
     return new_a, new_b, freeze, decisions
 
 
-def unify_factors(relations: list[Relation], labels: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def unify_factors(relations: list[Relation], labels: np.ndarray
+                  ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
     """Edges coupling the factors of reshapes whose wholes are the same neurons index by index.
 
     Attention written with ``bmm`` merges heads into the batch axis (``[b, h, s, d] -> [b*h, s, d]``)
     for the query, the key, the value and an ALiBi bias separately; the bmm couples the merged axes,
     so their factors are the same neurons too (head ``j`` of the query is head ``j`` of the key).
     Only wholes whose indices are distinct neurons and factorisations of equal sizes are matched.
+    Returns the edges and, per edge, the index of the relation whose factor is its second end.
     """
     new_a: list[np.ndarray] = []
     new_b: list[np.ndarray] = []
+    which: list[int] = []
     seen: dict[tuple, list[np.ndarray]] = {}
-    for rel in relations:
+    for r, rel in enumerate(relations):
         factors = [f for f in rel.factors if f.size > 1]
         if len(factors) < 2:
             continue
@@ -221,7 +224,8 @@ def unify_factors(relations: list[Relation], labels: np.ndarray) -> tuple[list[n
             for a, b in zip(first, factors):
                 new_a.append(a)
                 new_b.append(b)
-    return new_a, new_b
+                which.append(r)
+    return new_a, new_b, which
 
 
 def heads_through_products(head_ids: list[np.ndarray], relations: list[Relation],
@@ -350,19 +354,22 @@ def classify(groups: list[Group], comp_group: np.ndarray, labels: np.ndarray, he
         elif gi in embed_groups:
             group.kind = GroupKind.C
         else:
-            # the residual stream is written by several layers that read different things
+            # the residual stream is written by several layers that read different groups. A producer
+            # whose other dims are all frozen (Mamba's dt_proj reading the frozen time_step_rank) reads
+            # no group: it is no second source, so a block's inner width stays A (zero-mask checked,
+            # its MLP-width attribute rescaled in its own block) instead of passing for hidden channels
             sources = set()
             for m in group.members:
                 if m.role != "out":
                     continue
-                other = [d for (p, d) in param_ids if p == m.param and d != m.dim]
-                src = -1
-                for d in other:
+                src = None
+                for d in (d for (p, d) in param_ids if p == m.param and d != m.dim):
                     g = comp_group[labels[param_ids[(m.param, d)]]]
                     g = g[g >= 0]
                     if g.size:
                         src = int(np.bincount(g).argmax())
-                sources.add(src)
+                if src is not None:
+                    sources.add(src)
             group.kind = GroupKind.C if len(sources) >= 2 else GroupKind.A
         # exact (cut == zero-mask) unless something reduces over the units: a norm's statistic
         # (hidden channels, OLMo-2's q/k norm over all heads), a mean over a weight (BitNet)

@@ -63,3 +63,27 @@ def test_coverage_sample_core_families_pass(tmp_path: Path) -> None:
     failing = {name: records[name].get("reason") or records[name]["status"]
                for name in CORE if records[name]["status"] != "pass"}
     assert not failing, f"core families must fully pass: {failing}"
+
+
+def test_coverage_tiny_configs_keep_invariants() -> None:
+    """The tiny-config derivation keeps what each config needs: a field tied to its partner (LongCat's
+    ``head_dim`` = ``qk_rope_head_dim``), an attention layer in an all-``linear_attention`` default
+    (GraniteMoeHybrid), the class default where a validator rejects an override (ZAYA's top-1 routing),
+    two layers of a shared block's kind (Zamba), and None-default sizes when asked (Qwen4-Exp's indexer)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("depgraph_coverage_tool", BENCH / "coverage.py")
+    cov = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = cov  # its dataclasses look their module up
+    spec.loader.exec_module(cov)
+    entries = {e.name: e for e in cov.registry(["longcat_flash", "granitemoehybrid", "zaya", "zamba",
+                                                 "qwen4_exp_text"])}
+    longcat = cov.build_config(entries["longcat_flash"])
+    assert longcat.head_dim == longcat.qk_rope_head_dim == cov.SIZES["qk_rope_head_dim"]
+    granite = cov.build_config(entries["granitemoehybrid"])
+    assert granite.num_hidden_layers == cov.LAYERS and "full_attention" in granite.layer_types
+    assert cov.build_config(entries["zaya"], revert=True).num_experts_per_tok == 1
+    zamba = cov.build_config(entries["zamba"], one_kind=True)
+    assert zamba.layers_block_type == ["hybrid"] * cov.LAYERS
+    qwen4 = cov.build_config(entries["qwen4_exp_text"], fill_none=True)
+    assert (qwen4.indexer_budget, qwen4.indexer_compress_ratio, qwen4.indexer_kv_heads) == (4, 2, 1)

@@ -197,3 +197,27 @@ def test_reshape_as_is_a_reshape():
     assert model.up.weight.shape == (28, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_factor_coupling_cap_keeps_unsettled_reshapes_whole(monkeypatch):
+    # the loop coupling the factors of coupled reshapes is bounded: on its cap, the reshapes it was still
+    # coupling are kept whole with a reason and a warning, never left half-coupled
+    import depgraph.graph as dg
+
+    monkeypatch.setattr(dg, "MAX_UNIFY_ROUNDS", 0)
+    graph = depgraph.trace(tiny("xglm"), IDS)
+    assert not graph.groups("B")
+    reason = graph.frozen[("model.layers.0.self_attn.v_proj.weight", 0)]
+    assert reason.startswith("unsettled factor coupling at ")
+    assert any(w.startswith("model.layers.0.self_attn:") and "kept whole" in w for w in graph.warnings)
+    assert graph.groups("A") and graph.groups("C")  # the rest still prunes
+
+
+def test_multi_output_axes_with_a_leading_none():
+    from depgraph.graph import _flat_axes, _parts
+    from depgraph.rules.context import Axis, is_multi
+
+    a, b = Axis("x:0", np.arange(3)), Axis("x:1", np.arange(3, 5))
+    assert is_multi([None, [a, b]]) and is_multi([[a], []]) and not is_multi([a, b]) and not is_multi([])
+    assert _parts([None, [a, b]]) == [[], [a, b]] and _parts([a, b]) == [[a, b]] and _parts(None) == [[]]
+    assert _flat_axes([None, [a, b]]) == [a, b]

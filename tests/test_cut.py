@@ -349,3 +349,66 @@ def test_moe_cut_that_breaks_grouped_matmul_strides_is_refused():
     with pytest.raises(depgraph.PruneError, match="multiple of 4"):
         graph.prune({graph.groups("A")[0]: [1, 2, 3]})
     assert_unchanged(model, snap)
+
+
+# ---- a head count written in a reshape must be one the cut updates ------------------------------------
+
+class _NamedHeadAttention(nn.Module):
+    """``view(b, t, self.<attr>, -1)``: with ``attr="nh"`` the head count lives in an attribute the cut does not
+    know, so a cut would leave it stale and re-split the remaining rows into smaller heads. With ``norm_q`` the
+    heads are a non-exact group (an RMSNorm over all heads), where only the forward check would run."""
+
+    def __init__(self, norm_q: bool, attr: str = "nh"):
+        super().__init__()
+        self.attr = attr
+        setattr(self, attr, 4)
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+        self.qn = nn.RMSNorm(32) if norm_q else nn.Identity()
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        n = getattr(self, self.attr)
+        q = self.qn(self.q(x)).view(b, t, n, -1).transpose(1, 2)
+        k = self.k(x).view(b, t, n, -1).transpose(1, 2)
+        v = self.v(x).view(b, t, n, -1).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _NamedHeadModel(nn.Module):
+    def __init__(self, norm_q: bool, attr: str = "nh"):
+        super().__init__()
+        self.e, self.a, self.h = nn.Embedding(50, 32), _NamedHeadAttention(norm_q, attr), nn.Linear(32, 50)
+
+    def forward(self, ids):
+        x = self.e(ids)
+        return self.h(x + self.a(x))
+
+
+@pytest.mark.parametrize("norm_q", [False, True])
+def test_head_count_in_unknown_attribute_is_never_left_stale(norm_q):
+    torch.manual_seed(0)
+    model = _NamedHeadModel(norm_q).eval()
+    x = torch.randint(0, 50, (1, 6))
+    graph = depgraph.trace(model, (x,))
+    heads = graph.groups("B")
+    if heads:  # if the heads are offered at all, a cut must be refused (never accepted with nh == 4)
+        with pytest.raises(depgraph.PruneError):
+            graph.prune({heads[0]: [1]})
+        assert model.a.q.weight.shape[0] == 32 and model.a.nh == 4
+    else:
+        assert "written in the code" in graph.frozen[("a.q.weight", 0)]
+        assert any(w.startswith("a:") and "kept whole" in w for w in graph.warnings)
+
+
+def test_head_count_in_a_head_attribute_stays_prunable():
+    torch.manual_seed(0)
+    model = _NamedHeadModel(norm_q=True, attr="num_heads").eval()
+    x = torch.randint(0, 50, (1, 6))
+    graph = depgraph.trace(model, (x,))
+    heads = graph.groups("B")
+    assert [g.name for g in heads] == ["a"] and heads[0].size == 4 and not heads[0].exact
+    graph.prune({heads[0]: [1]})
+    assert model.a.num_heads == 3 and model.a.q.weight.shape[0] == 24
+    with torch.no_grad():
+        assert model(x).shape == (1, 6, 50)

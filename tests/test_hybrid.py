@@ -175,3 +175,70 @@ def test_gated_delta_net_is_frozen_and_attention_cut_is_exact():
     assert torch.allclose(logits(model, x), masked, atol=1e-4)
     report = graph.prune(quarter_plan(graph))  # the graph follows the cut: prune again, every group
     assert report.params_after < report.params_before and torch.isfinite(logits(model, x)).all()
+
+
+# ---- Mamba-1 / Jamba: the mixer's inner width is a block-local (A) width, never the hidden size ----------
+
+def _mamba1(expand: int):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(vocab_size=200, hidden_size=64, state_size=8, num_hidden_layers=2, expand=expand,
+                         conv_kernel=4, time_step_rank=8)
+    torch.manual_seed(0)
+    return MambaForCausalLM(config).eval()
+
+
+def _jamba():
+    from transformers import JambaConfig, JambaForCausalLM
+
+    config = JambaConfig(**{**TINY, "num_hidden_layers": 4}, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
+                         attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                         num_experts=2, num_experts_per_tok=1)
+    torch.manual_seed(0)
+    return JambaForCausalLM(config).eval()
+
+
+def _mixer_cut_matches_zero_mask(build, mixer_name: str, mixers, tmp_path) -> None:
+    """Cutting a Mamba mixer's inner channels is exact (== zero-mask), rescales that mixer's
+    ``intermediate_size`` only, and leaves the hidden size alone; else the width is frozen with a reason."""
+    import copy
+
+    model = build()
+    x = torch.randint(3, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    graph = depgraph.trace(model, x)
+    hidden = model.config.hidden_size
+    local_c = [g for g in graph.groups("C") if g.name.startswith(mixer_name)]
+    assert not local_c, "a mixer's inner width must never pass for hidden channels"
+    group = next((g for g in graph.groups() if g.name == mixer_name), None)
+    if group is None:  # frozen: then with a reason
+        assert (f"{mixer_name}.in_proj.weight", 0) in graph.frozen
+        return
+    assert group.kind is depgraph.GroupKind.A and group.exact
+    mixer0, mixer1 = mixers(model)
+    width = mixer0.intermediate_size
+    assert group.size == width
+    ref = copy.deepcopy(model)
+    ref_graph = depgraph.trace(ref, x)
+    units = [1, 5, 9]
+    depgraph.zero_mask(ref_graph, {ref_graph.group(mixer_name): units})
+    graph.prune({group: units})
+    assert mixer0.intermediate_size == width - 3 and mixer1.intermediate_size == width
+    assert mixer0.in_proj.weight.shape[0] == 2 * (width - 3)
+    assert model.config.hidden_size == hidden and mixer0.hidden_size == mixer1.hidden_size == hidden
+    assert torch.allclose(logits(model, x), logits(ref, x), atol=1e-5)
+    depgraph.save_pretrained(model, tmp_path)
+    loaded = depgraph.load_pretrained(tmp_path)
+    assert loaded.config.hidden_size == hidden
+    assert torch.allclose(logits(loaded, x), logits(model, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("expand", [1, 2])
+def test_mamba1_mixer_width_is_cut_exactly_not_as_hidden(expand, tmp_path):
+    # expand=1: the inner width equals hidden_size, which a by-value hidden-size edit used to rewrite
+    _mixer_cut_matches_zero_mask(lambda: _mamba1(expand), "backbone.layers.0.mixer",
+                                 lambda m: (m.backbone.layers[0].mixer, m.backbone.layers[1].mixer), tmp_path)
+
+
+def test_jamba_mixer_width_is_cut_exactly_not_as_hidden(tmp_path):
+    _mixer_cut_matches_zero_mask(_jamba, "model.layers.0.mamba",
+                                 lambda m: (m.model.layers[0].mamba, m.model.layers[2].mamba), tmp_path)

@@ -880,3 +880,20 @@ def test_attention_einsum_marks_heads():
     assert b.size == 4 and graph.warnings == []
     assert b.member("v.weight", 0).indices([2]).tolist() == rows(16, 24)
     assert_exact_cut(model, graph, x, b, [0, 3], heads=2)
+
+
+def test_reshape_as_ties_its_axes_to_the_other_tensor():
+    # like view_as: the sizes come from ``other`` at run time, so ``other``'s channels must match the result's
+    class ReshapeAs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.o = nn.Linear(8, 4), nn.Linear(8, 12), nn.Linear(12, 8)
+
+        def forward(self, x):
+            y = self.b(x[:, 0])  # [2, 12]: lends its shape
+            z = self.a(x).reshape_as(y)  # [2, 3, 4] -> [2, 12]
+            return self.o(z), y.sum()
+
+    graph = depgraph.trace(ReshapeAs().eval(), example_inputs=(torch.randn(2, 3, 8),))
+    assert not graph.groups()  # cutting b's rows alone would break the reshape
+    assert ("b.weight", 0) in graph.frozen

@@ -19,9 +19,17 @@ trigger propagation run to closure for every trigger at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch.fx as fx
+
+
+def is_multi(value) -> bool:
+    """Is ``value`` (a node's entry in ``RuleContext.axes``) one axis list per output of a multi-output op?
+    An output without axes is ``None`` there (it may be the first); a single output is a list of axes."""
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(p is None or isinstance(p, list) for p in value))
 
 
 @dataclass(eq=False)
@@ -44,6 +52,19 @@ class Relation:
     factors: list[np.ndarray]
     where: str
     preferred: np.ndarray | None = None  # the factor the code leaves to torch (-1), if any
+
+
+class SizedLength(NamedTuple):
+    """An axis whose length is written in a module's code (see :meth:`RuleContext.sized_by_code`)."""
+
+    ids: np.ndarray  # the axis' neuron ids
+    size: int  # the length the code writes
+    where: str  # op and module, for messages
+    path: str  # the module whose forward writes it
+    reshape: bool  # a reshape factor (True) or a split size (False)
+    # a reshape factor beside a ``-1`` (``view(b, s, self.nh, -1)``): a stale length re-splits the axis
+    # silently (the ``-1`` absorbs the difference) instead of failing
+    beside_inferred: bool = False
 
 
 @dataclass
@@ -80,9 +101,9 @@ class RuleContext:
     expert_params: set[str] = field(default_factory=set)  # weights read by grouped (MoE) matmuls
     # axes made by broadcasting a size-1 dim to a length the code wrote (``x.expand(b, n, s, d)``)
     broadcast: list[tuple[np.ndarray, str]] = field(default_factory=list)
-    # pieces of a split whose sizes the code passes explicitly: (piece ids, size, where, module path);
-    # the graph keeps them prunable only where a size attribute the cut updates holds that size
-    sized: list[tuple[np.ndarray, int, str, str, bool]] = field(default_factory=list)
+    # lengths the code writes (split sizes, reshape factors that are not -1): the graph keeps them
+    # prunable only where a size attribute the cut updates holds that size
+    sized: list[SizedLength] = field(default_factory=list)
     # small integer constants lifted by export (``x[..., [-2], :]``'s index): placeholder -> value
     constants: dict[str, object] = field(default_factory=dict)
     current: fx.Node | None = None
@@ -149,13 +170,14 @@ class RuleContext:
         """These neurons are never cut (conservative)."""
         self.frozen.append((ids.ids if isinstance(ids, Axis) else ids, reason))
 
-    def sized_by_code(self, axis: Axis | np.ndarray, size: int, reshape: bool = False) -> None:
+    def sized_by_code(self, axis: Axis | np.ndarray, size: int, reshape: bool = False,
+                      beside_inferred: bool = False) -> None:
         """``axis``'s length is written in the module's code (``split(x, [a, b])``, a reshape factor
         that is not ``-1``): cutting its neurons needs the attribute holding ``size`` updated too."""
         ids = axis.ids if isinstance(axis, Axis) else axis
         if ids.size > 1:
             path = module_path(self.current) if self.current is not None else ""
-            self.sized.append((ids, size, self.where(), path, reshape))
+            self.sized.append(SizedLength(ids, size, self.where(), path, reshape, beside_inferred))
 
     def broadcasted(self, axis: Axis) -> None:
         """``axis`` was made by broadcasting (each index a copy): its length is whatever the code
@@ -211,7 +233,7 @@ class RuleContext:
         """Axes of a tensor-valued FX argument, or None for non-tensors."""
         if isinstance(arg, fx.Node):
             value = self.axes.get(arg.name)
-            if value is None or (value and isinstance(value[0], list)):
+            if value is None or is_multi(value):
                 return None
             return value  # type: ignore[return-value]
         return None

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .context import Axis, RuleContext, axis_key, op_arg, shape_of, size_of
+from .context import Axis, RuleContext, axis_key, is_multi, op_arg, shape_of, size_of
 from .registry import register
 
 aten = torch.ops.aten
@@ -73,7 +73,7 @@ def reshape_axes(ctx: RuleContext, node: fx.Node, src: list[Axis], out_shape,
             ctx.product(gi[0], fresh, preferred=free[0] if len(free) == 1 else None)
             for (j, size), axis in zip(gk, fresh):
                 if j not in inferred:  # a factor the code sizes itself (not -1)
-                    ctx.sized_by_code(axis, size, reshape=True)
+                    ctx.sized_by_code(axis, size, reshape=True, beside_inferred=bool(free))
         elif len(gk) == 1:
             ctx.product(fresh[0], gi)
             ctx.remember_merge(fresh[0], gi)
@@ -97,14 +97,24 @@ def reshape(ctx: RuleContext, node: fx.Node):
     return reshape_axes(ctx, node, src, shape, inferred)
 
 
+def _reshape_to_other(ctx: RuleContext, node: fx.Node, why: str):
+    """A reshape whose sizes are ``other``'s at run time: after a cut they must still match, so each
+    output axis is coupled with ``other``'s."""
+    src = ctx.tensor_axes(node.args[0])
+    other = ctx.tensor_axes(node.args[1])
+    shape = shape_of(node)
+    if src is None or other is None or shape is None or [a.size for a in other] != list(shape):
+        return NotImplemented
+    out = reshape_axes(ctx, node, src, shape)
+    for axis, ref in zip(out, other):
+        ctx.couple(axis, ref, why)
+    return out
+
+
 @register(aten.reshape_as)
 def reshape_as(ctx: RuleContext, node: fx.Node):
-    """``x.reshape_as(other)``: a reshape to ``other``'s shape (``other`` lends only its shape)."""
-    src = ctx.tensor_axes(node.args[0])
-    shape = shape_of(node)
-    if src is None or shape is None:
-        return NotImplemented
-    return reshape_axes(ctx, node, src, shape)
+    """``x.reshape_as(other)``: a reshape to ``other``'s shape at run time (see :func:`view_as`)."""
+    return _reshape_to_other(ctx, node, "reshape_as")
 
 
 @register(aten.sym_size.int)
@@ -123,15 +133,7 @@ def sym_size(ctx: RuleContext, node: fx.Node):
 def view_as(ctx: RuleContext, node: fx.Node):
     """``x.view_as(other)`` (Beam's per-head attention gate): a reshape whose sizes are ``other``'s at run
     time, so after a cut they must still match: each output axis is coupled with ``other``'s."""
-    src = ctx.tensor_axes(node.args[0])
-    other = ctx.tensor_axes(node.args[1])
-    shape = shape_of(node)
-    if src is None or other is None or shape is None or [a.size for a in other] != list(shape):
-        return NotImplemented
-    out = reshape_axes(ctx, node, src, shape)
-    for axis, ref in zip(out, other):
-        ctx.couple(axis, ref, "view_as")
-    return out
+    return _reshape_to_other(ctx, node, "view_as")
 
 
 @register(aten.transpose, aten.swapaxes, aten.swapdims)
@@ -535,6 +537,8 @@ def _constant_index(ctx: RuleContext, node: fx.Node, src: list[Axis], dim: int, 
 def getitem(ctx: RuleContext, node: fx.Node):
     source, index = node.args
     value = ctx.axes.get(source.name) if isinstance(source, fx.Node) else None
-    if not value or not isinstance(value[0], list) or not isinstance(index, int):
+    if not is_multi(value) or not isinstance(index, int):
+        return None if shape_of(node) is None else NotImplemented
+    if value[index] is None:
         return None if shape_of(node) is None else NotImplemented
     return [ctx.same(a, node, j) for j, a in enumerate(value[index])]
