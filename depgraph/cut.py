@@ -297,7 +297,7 @@ def _group_edits(graph, checked: dict[Group, np.ndarray], guess_inner: bool = Tr
                 continue
             units = checked.get(group)
             after = group.size - (0 if units is None else units.size)
-            modules = _scope_modules(model, _scope_name(graph, group))
+            modules = _scope_modules(model, _scope_name(graph.groups(), group))
             if latent or kind is GroupKind.B:
                 modules = _member_scope(modules, group)
             if latent:
@@ -312,7 +312,7 @@ def _group_edits(graph, checked: dict[Group, np.ndarray], guess_inner: bool = Tr
             if units is not None:
                 # inside attention, "hidden_size"/"embed_dim" equal to heads x head_dim mean the inner size
                 inner = max((len(m.indices()) for m in group.members if m.role == "in"), default=-1)
-                owned = _member_tensors(model, group)
+                owned = _member_tensors(_tensors(model), group)
                 for _, module in modules:
                     if _foreign(module, owned):
                         continue
@@ -369,7 +369,7 @@ def _group_edits(graph, checked: dict[Group, np.ndarray], guess_inner: bool = Tr
         if config is not None and not pinned_head_dim:
             pinned_head_dim = _pin_head_dim(config, edits)
         attention = _attention_scopes(model, graph)
-        owned = _member_tensors(model, group)
+        owned = _member_tensors(_tensors(model), group)
         for path, module in model.named_modules():
             if (path + ".").startswith(attention):
                 continue  # there these names mean heads x head_dim (handled with the B groups)
@@ -449,9 +449,8 @@ def _per_layer_edits(model: nn.Module, config, updates: dict, local_configs: dic
     return edits
 
 
-def _member_tensors(model: nn.Module, group: Group) -> set[int]:
+def _member_tensors(tensors: Mapping[str, torch.Tensor], group: Group) -> set[int]:
     """ids of the tensors ``group`` cuts (identity, so tied / shared weights count under any name)."""
-    tensors = _tensors(model)
     return {id(tensors[m.param]) for m in group.members if m.param in tensors}
 
 
@@ -462,7 +461,7 @@ def _foreign(module: nn.Module, owned: set[int]) -> bool:
     return bool(params) and not any(p in owned for p in params)
 
 
-def _scope_name(graph, group: Group) -> str:
+def _scope_name(groups: Iterable[Group], group: Group) -> str:
     """Module path whose modules hold ``group``'s sizes: its name without the ``#k`` that tells
     same-prefix groups apart (MLA's heads share ``self_attn`` with the q/kv latents), when no other
     group of its kind shares that prefix. Latent groups always use the prefix: their rank fields
@@ -474,7 +473,7 @@ def _scope_name(graph, group: Group) -> str:
         return base
     if group.kind is not GroupKind.B:
         return group.name
-    same = [g for g in graph.groups(group.kind) if g.name.split("#", 1)[0] == base]
+    same = [g for g in groups if g.kind is group.kind and g.name.split("#", 1)[0] == base]
     return base if len(same) == 1 else group.name
 
 

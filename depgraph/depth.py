@@ -253,10 +253,16 @@ class RemovalReport:
                 f"{self.params_before:,} -> {self.params_after:,} parameters ({self.ratio:.1%} removed)")
 
 
-def _validate(indices: Iterable[int], n: int) -> tuple[int, ...]:
-    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
-        raise PruneError(f"indices must be a sequence of block indices, got {type(indices).__name__}")
-    raw = list(indices.flatten().tolist() if isinstance(indices, torch.Tensor) else indices)
+def _clean_ids(ids, n: int, unit: str, index: str, indices: str, where: str = "") -> list[int]:
+    """``ids`` as distinct ints in ``[0, n)``, else :class:`PruneError` naming the first problem.
+
+    ``unit``/``index``/``indices`` name them in messages ("block indices [4] out of range");
+    ``where`` prefixes every message (the MoE block a plan entry is for)."""
+    one, many = f"{unit} {index}", f"{unit} {indices}"
+    prefix = f"{where}: " if where else ""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise PruneError(f"{prefix}{many} must be a sequence of integers, got {type(ids).__name__}")
+    raw = list(ids.flatten().tolist() if isinstance(ids, torch.Tensor) else ids)
     clean = []
     for i in raw:
         try:
@@ -264,14 +270,19 @@ def _validate(indices: Iterable[int], n: int) -> tuple[int, ...]:
                 raise TypeError
             clean.append(operator.index(i))  # ints and numpy ints; not floats or bools
         except TypeError:
-            raise PruneError(f"block index {i!r} is not an integer") from None
+            raise PruneError(f"{prefix}{one} {i!r} is not an integer") from None
     bad = [i for i in clean if not 0 <= i < n]
     if bad:
-        raise PruneError(f"block indices {bad} out of range: the model has {n} blocks (0..{n - 1}; "
-                         "negative indices are not accepted)")
+        raise PruneError(f"{prefix}{many} {bad} out of range: there are {n} {unit}s (0..{n - 1}; negative "
+                         "indices are not accepted)")
     dup = sorted({i for i in clean if clean.count(i) > 1})
     if dup:
-        raise PruneError(f"block indices {dup} repeated; each block can be removed once")
+        raise PruneError(f"{prefix}{many} {dup} repeated; each {unit} can be removed once")
+    return clean
+
+
+def _validate(indices: Iterable[int], n: int) -> tuple[int, ...]:
+    clean = _clean_ids(indices, n, "block", "index", "indices")
     if len(set(clean)) >= n:
         raise PruneError(f"removing {len(clean)} of {n} blocks would leave none; keep at least one")
     return tuple(sorted(clean))

@@ -22,7 +22,6 @@ import copy
 import inspect
 import logging
 import math
-import operator
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cut import _Transaction, count_parameters
-from .depth import _batches, _owner_config, _run
+from .depth import _batches, _clean_ids, _owner_config, _run
 from .errors import DepGraphError, PruneError
 from .trace import default_inputs
 
@@ -378,23 +377,7 @@ class ExpertRemovalReport:
 
 def _validate_ids(s: ExpertSet, ids) -> tuple[int, ...]:
     where = f"MoE block {s.path!r}"
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise PruneError(f"{where}: expert ids must be a sequence of integers, got {type(ids).__name__}")
-    raw = list(ids.flatten().tolist() if isinstance(ids, torch.Tensor) else ids)
-    clean = []
-    for i in raw:
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            clean.append(operator.index(i))
-        except TypeError:
-            raise PruneError(f"{where}: expert id {i!r} is not an integer") from None
-    bad = [i for i in clean if not 0 <= i < s.num_experts]
-    if bad:
-        raise PruneError(f"{where}: expert ids {bad} out of range 0..{s.num_experts - 1}")
-    dup = sorted({i for i in clean if clean.count(i) > 1})
-    if dup:
-        raise PruneError(f"{where}: expert ids {dup} repeated; each expert can be removed once")
+    clean = _clean_ids(ids, s.num_experts, "expert", "id", "ids", where)
     left = s.num_experts - len(clean)
     if left < s.top_k:
         raise PruneError(f"{where}: removing {len(clean)} of {s.num_experts} experts leaves {left}, fewer than "

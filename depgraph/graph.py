@@ -340,30 +340,22 @@ class DependencyGraph:
                             tensors: dict[str, torch.Tensor]) -> bool:
         """Does a head cut of ``group`` rescale the head count ``size`` that ``module``'s code reads?
 
-        The cut (``cut._group_edits``) edits head-size attributes (``layers.HEAD_ATTRS``) of the modules
-        under the group's scope (its name, without the ``#k`` only when no other head group shares the
-        name) that hold some of its weights or none (a parameter-free core attention), and head-count
-        fields of the config (``layers.HEAD_CONFIG``)."""
-        scope = group.name.split("#", 1)[0]
-        if sum(g.kind is G.GroupKind.B and g.name.split("#", 1)[0] == scope for g in groups) > 1:
-            scope = group.name  # as cut._scope_name: then no module is named so, nothing is rescaled
+        Asks the cut's own bookkeeping (:mod:`depgraph.cut`): head-size attributes
+        (``layers.HEAD_ATTRS``) of the modules in the group's scope that are not another structure's,
+        and head-count fields of the config (``layers.HEAD_CONFIG``)."""
+        from .cut import _foreign, _member_tensors, _safe_get, _scaled, _scope_name
+
+        scope = _scope_name(groups, group)
         if not scope or not (path == scope or path.startswith(scope + ".")):
             return False
-        owned = {id(tensors[m.param]) for m in group.members if m.param in tensors}
-        params = [id(p) for p in module.parameters()]
-        if params and not any(p in owned for p in params):
+        if _foreign(module, _member_tensors(tensors, group)):
             return False  # the cut leaves this module's sizes alone
         if layers.size_attribute(module, size, "B", False, set(), group.size) is not None:
             return True
         config = getattr(module, "config", None)
-        for name in layers.HEAD_CONFIG:
-            try:
-                value = getattr(config, name, None) if config is not None else None
-            except Exception:  # a per-layer field of a heterogeneous config
-                value = None
-            if isinstance(value, int) and not isinstance(value, bool) and value == size and value % group.size == 0:
-                return True
-        return False
+        values = (_safe_get(config, name) for name in layers.HEAD_CONFIG)
+        # _scaled: a positive int (not a bool) that the cut can rescale in proportion to the units
+        return any(value == size and _scaled(value, group.size, 1) is not None for value in values)
 
     def _warn_kept_whole(self) -> None:
         """One warning per module whose weights' channels are frozen because the rules cannot prove a
