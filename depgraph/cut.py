@@ -34,12 +34,13 @@ from .layers import (
     rank_names_layer,
     rank_stem,
 )
+from .transaction import EditReport, Transaction, check_forward, count_parameters, run_forward
 
 Plan = Mapping[Group, Iterable[int]]
 
 
 @dataclass
-class PruneReport:
+class PruneReport(EditReport):
     """What a cut did: parameter counts, new shapes, attribute edits, units removed per group."""
 
     params_before: int
@@ -48,19 +49,8 @@ class PruneReport:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     edits: list[tuple[str, str, object, object]] = field(default_factory=list)
 
-    @property
-    def ratio(self) -> float:
-        """Fraction of parameters removed."""
-        return 1.0 - self.params_after / max(self.params_before, 1)
-
-    def __str__(self) -> str:
-        return (f"pruned {sum(self.units_removed.values())} units in {len(self.units_removed)} groups: "
-                f"{self.params_before:,} -> {self.params_after:,} parameters ({self.ratio:.1%} removed)")
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Parameters counted once each (tied weights once)."""
-    return sum(p.numel() for p in model.parameters())
+    def describe(self) -> str:
+        return f"pruned {sum(self.units_removed.values())} units in {len(self.units_removed)} groups"
 
 
 def validate_plan(graph, plan: Plan) -> dict[Group, np.ndarray]:
@@ -134,35 +124,6 @@ def zero_mask(graph, plan: Plan) -> None:
                     tensors[m.param].index_fill_(m.dim, idx.to(tensors[m.param].device), 0)
 
 
-class _Transaction:
-    """Staged tensor and attribute changes with rollback."""
-
-    def __init__(self):
-        self.undo: list[tuple[str, object, str, object]] = []
-
-    def set_data(self, tensor: torch.Tensor, new: torch.Tensor) -> None:
-        self.undo.append(("data", tensor, "data", tensor.data))
-        tensor.data = new
-        if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
-            self.undo.append(("attr", tensor, "grad", tensor.grad))
-            tensor.grad = None
-
-    def set_attr(self, obj, name: str, value) -> None:
-        missing = not hasattr(obj, name)
-        self.undo.append(("del" if missing else "attr", obj, name, None if missing else getattr(obj, name)))
-        setattr(obj, name, value)
-
-    def rollback(self) -> None:
-        for kind, obj, name, old in reversed(self.undo):
-            if kind == "data":
-                obj.data = old
-            elif kind == "del":
-                delattr(obj, name)
-            else:
-                setattr(obj, name, old)
-        self.undo.clear()
-
-
 def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
     """Cut the units of ``plan`` ({group: unit ids}) from ``graph.model`` in place, atomically.
 
@@ -228,30 +189,31 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
 
     # 4. stage attribute edits and commit; the first attempt also rescales attention sizes that
     #    are named like the hidden size ("embed_dim" == heads x head_dim), the second does not
-    transaction = _Transaction()
+    transaction = Transaction()
     failure: Exception | None = None
     for guess_inner in (True, False):
         edits = _module_edits(model, new_shapes) + _group_edits(graph, checked, guess_inner=guess_inner)
-        transaction = _Transaction()
+        transaction = Transaction()
         config = _config_of(model)
-        if config is not None and hasattr(config, "to_dict") and not hasattr(model, BASE_CONFIG_ATTR):
-            # remember the unpruned config: checkpoints describe per-layer sizes relative to it
-            transaction.set_attr(model, BASE_CONFIG_ATTR, copy.deepcopy(config))
         try:
-            for param, data in staged.items():
-                transaction.set_data(tensors[param], data)
-            for obj, name, value in edits:
-                old = getattr(obj, name, None)
-                if old is not value and not (isinstance(value, (int, float, str, tuple)) and old == value):
-                    transaction.set_attr(obj, name, value)
-            if verify:
-                out = _check_forward(graph)
-                if reference is not None:
-                    _check_exact(out, reference, checked)
+            # any BaseException (Ctrl-C included) rolls back inside the with; Exceptions then retry
+            with transaction:
+                if config is not None and hasattr(config, "to_dict") and not hasattr(model, BASE_CONFIG_ATTR):
+                    # remember the unpruned config: checkpoints describe per-layer sizes relative to it
+                    transaction.set_attr(model, BASE_CONFIG_ATTR, copy.deepcopy(config))
+                for param, data in staged.items():
+                    transaction.set_data(tensors[param], data)
+                for obj, name, value in edits:
+                    old = getattr(obj, name, None)
+                    if old is not value and not (isinstance(value, (int, float, str, tuple)) and old == value):
+                        transaction.set_attr(obj, name, value)
+                if verify:
+                    out = check_forward(model, *graph.example_inputs)
+                    if reference is not None:
+                        _check_exact(out, reference, checked)
             failure = None
             break
-        except Exception as exc:  # any failure leaves the model as it was
-            transaction.rollback()
+        except Exception as exc:  # rolled back already: the model is as it was
             failure = exc
     if failure is not None:
         if isinstance(failure, PruneError):
@@ -263,9 +225,8 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
     report.units_removed = {g.name: int(u.size) for g, u in checked.items()}
     report.shapes = {p: (tuple(graph.param_shapes[p]), s) for p, s in new_shapes.items()}
     names = {id(m): n for n, m in model.named_modules()}
-    for kind, obj, name, old in transaction.undo:
-        if kind != "data":
-            report.edits.append((names.get(id(obj), type(obj).__name__), name, old, getattr(obj, name, None)))
+    for obj, name, old in transaction.attribute_changes():
+        report.edits.append((names.get(id(obj), type(obj).__name__), name, old, getattr(obj, name, None)))
     _update_graph(graph, checked, keep_masks, new_shapes)
     return report
 
@@ -573,39 +534,6 @@ def _pin_head_dim(config, edits: list[Edit]) -> bool:
     return True
 
 
-def _output_tensor(out) -> torch.Tensor | None:
-    """The main output of a forward: ``.logits``, ``last_hidden_state``, or the first tensor."""
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(out, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    return None
-
-
-def _forward(graph):
-    args, kwargs = graph.example_inputs
-    model = graph.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _output_tensor(model(*args, **kwargs))
-    finally:
-        model.train(was_training)
-
-
-def _check_forward(graph) -> torch.Tensor | None:
-    try:
-        return _forward(graph)
-    except Exception as exc:
-        raise PruneError(f"the cut model no longer runs forward ({type(exc).__name__}: {str(exc)[:300]}); "
-                         "the cut was rolled back and the model is unchanged") from exc
-
-
 def _masked_reference(graph, checked: dict[Group, np.ndarray], tensors) -> torch.Tensor | None:
     """Output of the model with the plan's units zero-masked (restored afterwards).
 
@@ -624,7 +552,7 @@ def _masked_reference(graph, checked: dict[Group, np.ndarray], tensors) -> torch
             for t, d, i, _ in saved:
                 t.data.index_fill_(d, i.to(t.device), 0)
         try:
-            return _forward(graph)
+            return run_forward(graph.model, *graph.example_inputs)
         except Exception:  # the model cannot run as traced: the forward check will say so
             return None
     finally:

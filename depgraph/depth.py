@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import BASE_CONFIG_ATTR
 from .errors import DepGraphError, PruneError
+from .transaction import EditReport, Transaction
 
 __all__ = ["RemovalReport", "block_importance", "find_blocks", "remove_layers", "remove_least_important"]
 
@@ -233,7 +234,7 @@ def block_importance(model: nn.Module, calib, metric: str = "cosine", progress: 
 
 
 @dataclass
-class RemovalReport:
+class RemovalReport(EditReport):
     """What a depth cut did: which blocks went, parameter counts, every attribute/config edit."""
 
     path: str
@@ -243,14 +244,8 @@ class RemovalReport:
     params_after: int
     edits: list[tuple[str, str, object, object]] = field(default_factory=list)  # (where, attr, old, new)
 
-    @property
-    def ratio(self) -> float:
-        """Fraction of parameters removed."""
-        return 1.0 - self.params_after / max(self.params_before, 1)
-
-    def __str__(self) -> str:
-        return (f"removed blocks {list(self.removed)} of {self.path} ({len(self.kept)} left): "
-                f"{self.params_before:,} -> {self.params_after:,} parameters ({self.ratio:.1%} removed)")
+    def describe(self) -> str:
+        return f"removed blocks {list(self.removed)} of {self.path} ({len(self.kept)} left)"
 
 
 def _clean_ids(ids, n: int, unit: str, index: str, indices: str, where: str = "") -> list[int]:
@@ -353,19 +348,14 @@ def remove_layers(model: nn.Module, indices: Iterable[int], path: str | None = N
     if base is not None and base is not config:
         # checkpoints describe per-layer sizes against the unpruned config: it must have the same depth
         edits += _config_edits(base, n, removed, kept, BASE_CONFIG_ATTR)
-    old_modules = list(blocks._modules.items())
-    applied: list[tuple[Any, str, object]] = []
+    remaining = type(blocks._modules)((str(j), blocks[i]) for j, i in enumerate(kept))
     try:
-        for obj, attr, old, new, _ in edits:
-            setattr(obj, attr, new)
-            applied.append((obj, attr, old))
-        for i in reversed(removed):
-            del blocks[i]  # ModuleList re-keys the rest 0..k-1, and keeps its identity
+        with Transaction() as transaction:  # any BaseException (Ctrl-C included) rolls back, then propagates
+            for obj, attr, _, new, _ in edits:
+                transaction.set_attr(obj, attr, new)
+            # a new dict for the ModuleList (re-keyed 0..k-1); the list object keeps its identity
+            transaction.set_attr(blocks, "_modules", remaining)
     except Exception as exc:
-        for obj, attr, old in reversed(applied):
-            setattr(obj, attr, old)
-        blocks._modules.clear()
-        blocks._modules.update(old_modules)
         raise PruneError(f"removing blocks {list(removed)} failed ({exc!r}); the model was left unchanged") from exc
     after = sum(p.numel() for p in model.parameters())
     report_edits = [(where, attr, old, new) for _, attr, old, new, where in edits]

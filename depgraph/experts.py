@@ -30,10 +30,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cut import _Transaction, count_parameters
 from .depth import _batches, _clean_ids, _owner_config, _run
 from .errors import DepGraphError, PruneError
 from .trace import default_inputs
+from .transaction import EditReport, Transaction, check_forward, count_parameters
 
 __all__ = ["ExpertRemovalReport", "ExpertSet", "ExpertSets", "expert_importance", "find_experts",
            "remove_experts", "remove_least_important_experts"]
@@ -355,7 +355,7 @@ def expert_importance(model: nn.Module, calib, sets: Iterable[ExpertSet] | None 
 
 
 @dataclass
-class ExpertRemovalReport:
+class ExpertRemovalReport(EditReport):
     """What an expert removal did: experts removed / left per block, parameter counts, edits."""
 
     removed: dict[str, tuple[int, ...]]
@@ -364,15 +364,8 @@ class ExpertRemovalReport:
     params_after: int
     edits: list[tuple[str, str, object, object]] = field(default_factory=list)  # (where, attr, old, new)
 
-    @property
-    def ratio(self) -> float:
-        """Fraction of parameters removed."""
-        return 1.0 - self.params_after / max(self.params_before, 1)
-
-    def __str__(self) -> str:
-        n = sum(len(v) for v in self.removed.values())
-        return (f"removed {n} experts in {len(self.removed)} MoE blocks: {self.params_before:,} -> "
-                f"{self.params_after:,} parameters ({self.ratio:.1%} removed)")
+    def describe(self) -> str:
+        return f"removed {sum(len(v) for v in self.removed.values())} experts in {len(self.removed)} MoE blocks"
 
 
 def _validate_ids(s: ExpertSet, ids) -> tuple[int, ...]:
@@ -394,12 +387,11 @@ def _validate_ids(s: ExpertSet, ids) -> tuple[int, ...]:
     return tuple(sorted(clean))
 
 
-def _forward_check(model: nn.Module, example_inputs) -> None:
-    if any(t.device.type == "meta" for t in model.parameters()):
-        return
+def _check_inputs(model: nn.Module, example_inputs) -> tuple[tuple, dict] | None:
+    """``(args, kwargs)`` for the forward check: ``example_inputs``, else token ids from the config."""
     if example_inputs is None:
         if getattr(model, "config", None) is None:
-            return  # nothing to build inputs from; the caller's own forward will tell
+            return None  # nothing to build inputs from; the caller's own forward will tell
         args, kwargs = default_inputs(model, batch=1, seq_len=4)
         if getattr(model.config, "is_encoder_decoder", False):
             kwargs["decoder_input_ids"] = args[0]
@@ -409,8 +401,7 @@ def _forward_check(model: nn.Module, example_inputs) -> None:
         args, kwargs = (example_inputs,), {}
     else:
         args, kwargs = tuple(example_inputs), {}
-    with torch.no_grad():
-        model(*args, **kwargs)
+    return args, kwargs
 
 
 def _config_holders(model: nn.Module) -> dict[int, list[str]]:
@@ -526,22 +517,23 @@ def remove_experts(model: nn.Module, plan: Mapping[str, Iterable[int]], example_
                 edits += [(mine, f, new_e[path], f"{mpath}.config") for f in fields]
                 edits.append((module, "config", mine, mpath))
 
-    transaction = _Transaction()
+    transaction = Transaction()
+    inputs = _check_inputs(model, example_inputs) if verify else None
     try:
-        for _, t, data in staged:
-            transaction.set_data(t, data)
-        for obj, attr, value, _ in edits:
-            transaction.set_attr(obj, attr, value)
-        if verify:
-            _forward_check(model, example_inputs)
+        with transaction:  # any BaseException (Ctrl-C included) rolls back, then propagates
+            for _, t, data in staged:
+                transaction.set_data(t, data)
+            for obj, attr, value, _ in edits:
+                transaction.set_attr(obj, attr, value)
+            if inputs is not None:
+                check_forward(model, *inputs)
     except Exception as exc:
-        transaction.rollback()
         blocks = ", ".join(repr(p) for p in removed)
         raise PruneError(f"removing experts from MoE block(s) {blocks} failed ({type(exc).__name__}: "
                          f"{str(exc)[:300]}); the model was left unchanged") from exc
     report_edits = []
     for obj, attr, value, where in edits:
-        old = next((o for k, ob, n, o in transaction.undo if ob is obj and n == attr), None)
+        old = transaction.old_value(obj, attr)
         if attr == "_modules":
             report_edits.append((where, "experts", len(old) if old is not None else None, len(value)))
         elif attr != "config":

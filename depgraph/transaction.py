@@ -1,0 +1,138 @@
+"""One atomic edit of a model: staged tensor and attribute changes, one forward check, one report base.
+
+Every structural edit (:func:`depgraph.prune`, :func:`depgraph.remove_layers`,
+:func:`depgraph.remove_experts`) records each change in a :class:`Transaction`. Used as a context
+manager it rolls every change back on *any* exception, ``KeyboardInterrupt`` included, and re-raises,
+so an interrupted or failed edit leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import PruneError
+
+__all__ = ["EditReport", "Transaction", "check_forward", "count_parameters", "output_tensor", "run_forward"]
+
+class Transaction:
+    """Changes to tensors (``.data``) and attributes, each undoable, in order.
+
+    >>> with Transaction() as t:           # any BaseException inside: rolled back, then re-raised
+    ...     t.set_data(param, smaller)
+    ...     t.set_attr(linear, "in_features", 60)
+    """
+
+    def __init__(self) -> None:
+        self.undo: list[tuple[str, object, str, object]] = []  # (kind, object, attribute, old value)
+
+    def set_data(self, tensor: torch.Tensor, new: torch.Tensor) -> None:
+        """Replace ``tensor.data`` (same object: tied weights stay tied); a stale ``.grad`` is dropped."""
+        self.undo.append(("data", tensor, "data", tensor.data))
+        tensor.data = new
+        if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
+            self.undo.append(("attr", tensor, "grad", tensor.grad))
+            tensor.grad = None
+
+    def set_attr(self, obj: object, name: str, value: object) -> None:
+        """``setattr(obj, name, value)``, remembering the old value (or its absence)."""
+        missing = not hasattr(obj, name)
+        self.undo.append(("del" if missing else "attr", obj, name, None if missing else getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def old_value(self, obj: object, name: str, default: object = None) -> object:
+        """The value ``obj.name`` had before this transaction first changed it."""
+        for kind, o, n, old in self.undo:
+            if o is obj and n == name and kind != "data":
+                return old
+        return default
+
+    def attribute_changes(self) -> list[tuple[object, str, object]]:
+        """``(object, attribute, old value)`` of every attribute change, in order."""
+        return [(o, n, old) for kind, o, n, old in self.undo if kind != "data"]
+
+    def rollback(self) -> None:
+        """Undo every change, newest first."""
+        for kind, obj, name, old in reversed(self.undo):
+            if kind == "data":
+                obj.data = old
+            elif kind == "del":
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+        self.undo.clear()
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:  # BaseException too: Ctrl-C mid-edit must not leave a half-cut model
+            self.rollback()
+        return False
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters counted once each (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def output_tensor(out) -> torch.Tensor | None:
+    """The main output of a forward: ``.logits``, ``last_hidden_state``, or the first tensor."""
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def run_forward(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``model(*args, **kwargs)`` in eval mode without gradients (the mode is restored); its main output."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return output_tensor(model(*args, **kwargs))
+    finally:
+        model.train(was_training)
+
+
+def check_forward(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The forward check after an edit: run the model once; a failure becomes :class:`PruneError`.
+
+    Skipped (None) for models on the ``meta`` device, which cannot compute. Only ``Exception`` is
+    translated: ``KeyboardInterrupt`` propagates unchanged (the caller's :class:`Transaction` rolls back).
+    """
+    if any(t.device.type == "meta" for t in model.parameters()):
+        return None
+    try:
+        return run_forward(model, args, kwargs)
+    except Exception as exc:
+        raise PruneError(f"the edited model no longer runs forward ({type(exc).__name__}: {str(exc)[:300]}); "
+                         "the edit was rolled back and the model is unchanged") from exc
+
+
+class EditReport:
+    """Base of the reports of structural edits: parameter counts before/after, ratio, one-line summary.
+
+    Subclasses (dataclasses) define ``params_before``, ``params_after`` and :meth:`describe`.
+    """
+
+    params_before: int
+    params_after: int
+
+    @property
+    def ratio(self) -> float:
+        """Fraction of parameters removed."""
+        return 1.0 - self.params_after / max(self.params_before, 1)
+
+    def describe(self) -> str:
+        """What was removed, in words (the part of ``str(report)`` before the parameter counts)."""
+        return "edited"
+
+    def __str__(self) -> str:
+        return (f"{self.describe()}: {self.params_before:,} -> {self.params_after:,} parameters "
+                f"({self.ratio:.1%} removed)")
