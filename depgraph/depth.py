@@ -348,13 +348,15 @@ def remove_layers(model: nn.Module, indices: Iterable[int], path: str | None = N
     if base is not None and base is not config:
         # checkpoints describe per-layer sizes against the unpruned config: it must have the same depth
         edits += _config_edits(base, n, removed, kept, BASE_CONFIG_ATTR)
-    remaining = type(blocks._modules)((str(j), blocks[i]) for j, i in enumerate(kept))
     try:
         with Transaction() as transaction:  # any BaseException (Ctrl-C included) rolls back, then propagates
             for obj, attr, _, new, _ in edits:
                 transaction.set_attr(obj, attr, new)
-            # a new dict for the ModuleList (re-keyed 0..k-1); the list object keeps its identity
-            transaction.set_attr(blocks, "_modules", remaining)
+            # deletion edits a copy of the ModuleList's dict (rollback restores the original); the list
+            # object keeps its identity, and re-keys the rest 0..k-1
+            transaction.set_attr(blocks, "_modules", type(blocks._modules)(blocks._modules))
+            for i in reversed(removed):
+                del blocks[i]
     except Exception as exc:
         raise PruneError(f"removing blocks {list(removed)} failed ({exc!r}); the model was left unchanged") from exc
     after = sum(p.numel() for p in model.parameters())

@@ -19,7 +19,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from . import groups as G
-from . import layers
+from . import sizes
 from .errors import TraceError, UnsupportedModelError
 from .rules import Axis, RuleContext, lookup, module_path, shape_of
 from .rules.context import axis_key, data_dependent_dims, is_multi, size_of
@@ -302,7 +302,7 @@ class DependencyGraph:
         A head count in a reshape beside a ``-1`` (``view(b, s, self.nh, -1)``) is the same (the ``-1`` would
         absorb a stale count as a smaller head_dim, silently): the cut rescales it only
         when it is a head-size attribute (or config field) of a module inside the head group's scope
-        that holds some of the group's weights or none at all (see ``cut._foreign``). Otherwise the
+        that holds some of the group's weights or none at all (see :func:`depgraph.sizes.foreign`). Otherwise the
         stale count would re-split the remaining rows into the old number of smaller heads.
         """
         out: list[tuple[np.ndarray, str]] = []
@@ -324,38 +324,16 @@ class DependencyGraph:
                     continue
                 leaves = {m.param.rsplit(".", 2)[-2] for m in group.members if "." in m.param}
                 module = modules.get(path)
-                held = module is not None and layers.size_attribute(
+                held = module is not None and sizes.size_attribute(
                     module, size, group.kind.value, bool(group.extra.get("latent")), leaves, group.size) is not None
                 if reshape and group.kind is G.GroupKind.B:
-                    held = module is not None and self._head_count_updated(module, path, size, group, groups,
-                                                                           tensors)
+                    held = module is not None and sizes.head_count_updated(module, path, size, group, groups,
+                                                                          tensors)
                 if not held:
                     out.append((ids, f"length {size} written in the code at {where}: no attribute the "
                                      f"{group.kind.value} cut updates holds it"))
                     break
         return out
-
-    @staticmethod
-    def _head_count_updated(module: nn.Module, path: str, size: int, group: G.Group, groups: list[G.Group],
-                            tensors: dict[str, torch.Tensor]) -> bool:
-        """Does a head cut of ``group`` rescale the head count ``size`` that ``module``'s code reads?
-
-        Asks the cut's own bookkeeping (:mod:`depgraph.cut`): head-size attributes
-        (``layers.HEAD_ATTRS``) of the modules in the group's scope that are not another structure's,
-        and head-count fields of the config (``layers.HEAD_CONFIG``)."""
-        from .cut import _foreign, _member_tensors, _safe_get, _scaled, _scope_name
-
-        scope = _scope_name(groups, group)
-        if not scope or not (path == scope or path.startswith(scope + ".")):
-            return False
-        if _foreign(module, _member_tensors(tensors, group)):
-            return False  # the cut leaves this module's sizes alone
-        if layers.size_attribute(module, size, "B", False, set(), group.size) is not None:
-            return True
-        config = getattr(module, "config", None)
-        values = (_safe_get(config, name) for name in layers.HEAD_CONFIG)
-        # _scaled: a positive int (not a bool) that the cut can rescale in proportion to the units
-        return any(value == size and _scaled(value, group.size, 1) is not None for value in values)
 
     def _warn_kept_whole(self) -> None:
         """One warning per module whose weights' channels are frozen because the rules cannot prove a

@@ -18,7 +18,7 @@ from torch import nn
 
 import depgraph
 from depgraph.groups import GroupKind
-from depgraph.layers import rank_names_layer, rank_stem
+from depgraph.sizes import rank_names_layer, rank_stem
 
 MLA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
            q_lora_rank=32, kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
