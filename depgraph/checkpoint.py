@@ -21,6 +21,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .errors import DepGraphError
+from .sizes import LayerConfig
 
 STATE_FILE = "depgraph.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -233,10 +234,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
             modules[mpath]._modules = type(entries)((k, entries[k]) for k in keys)
         modules = dict(model.named_modules())
         for mpath, diff in state["configs"].items():
-            local = copy.copy(config)  # no re-validation: per-layer sizes may break the class's checks
-            for key, value in diff.items():
-                setattr(local, key, value)
-            modules[mpath].config = local
+            # the layer's own sizes over the live config; no re-validation (per-layer sizes may break it)
+            modules[mpath].config = LayerConfig(config, diff)
         for mpath, attrs in state["attrs"].items():
             for key, value in attrs.items():
                 setattr(modules[mpath], key, tuple(value) if isinstance(value, list) else value)

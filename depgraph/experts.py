@@ -18,7 +18,6 @@ remove experts first, then trace the smaller model for width pruning.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import math
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .depth import _batches, _clean_ids, _owner_config, _run
 from .errors import DepGraphError, PruneError
+from .sizes import field_names, layer_config, safe_get
 from .trace import default_inputs
 from .transaction import EditReport, Transaction, check_forward, count_parameters
 
@@ -152,7 +152,7 @@ def _find_int(objs: Iterable[object], names: Iterable[str]) -> int | None:
 
 def _count_fields(obj, e: int) -> list[str]:
     """Attributes of ``obj`` (module or config) named like an expert count and equal to ``e``."""
-    names = set(vars(obj))
+    names = set(field_names(obj))
     aliases = getattr(obj, "attribute_map", None)
     if isinstance(aliases, Mapping):
         names |= {aliases[k] for k in aliases}  # num_local_experts -> n_routed_experts style aliases
@@ -160,7 +160,7 @@ def _count_fields(obj, e: int) -> list[str]:
     for name in sorted(names):
         if name.startswith("_") or not _COUNT.match(name):
             continue
-        value = vars(obj).get(name, None)
+        value = safe_get(obj, name)
         if isinstance(value, int) and not isinstance(value, bool) and value == e:
             out.append(name)
     return out
@@ -487,7 +487,7 @@ def remove_experts(model: nn.Module, plan: Mapping[str, Iterable[int]], example_
         inside = [m for m in holders.get(id(config), []) if m == path or m.startswith(path + ".")]
         if not inside:
             continue  # no module of this block reads the config: its attributes say it all
-        local = copy.copy(config)
+        local = layer_config(config)
         for f in s.config_counts:
             edits.append((local, f, new_e[path], f"{path} (config copy)"))
         edits += [(model.get_submodule(mpath), "config", local, mpath) for mpath in inside]
@@ -513,7 +513,7 @@ def remove_experts(model: nn.Module, plan: Mapping[str, Iterable[int]], example_
             if all(h == path or h.startswith(path + ".") for h in holders.get(id(local), [])):
                 edits += [(local, f, new_e[path], f"{mpath}.config") for f in fields]
             else:  # shared with modules outside this block: give this one its own copy
-                mine = copy.copy(local)
+                mine = layer_config(local)
                 edits += [(mine, f, new_e[path], f"{mpath}.config") for f in fields]
                 edits.append((module, "config", mine, mpath))
 

@@ -182,6 +182,83 @@ def size_attribute(module: nn.Module, size: int, kind: str, latent: bool, leaves
     return None
 
 
+# ---- per-layer configs: a layer's own sizes over the model's live config ----
+
+class LayerConfig:
+    """The config of one layer after a non-uniform cut: ``overrides`` for the sizes this layer changed,
+    every other field read live from ``base`` (the model's config).
+
+    A copy of the config would go stale: a later hidden-size cut, ``head_dim`` pinned on the model's
+    config, or ``model.set_attn_implementation("eager")`` would not reach it. Field names go through the
+    base's ``attribute_map`` (GPT-2's ``hidden_size`` is ``n_embd``). Pickles, copies and deep-copies
+    (with the model, the base stays the model's config); ``to_dict()`` is the base's with the overrides.
+    """
+
+    def __init__(self, base, overrides: Mapping[str, object] | None = None) -> None:
+        vars(self)["base"] = base
+        vars(self)["overrides"] = {}
+        for name, value in (overrides or {}).items():
+            setattr(self, name, value)
+
+    def _key(self, name: str) -> str:
+        mapping = getattr(type(vars(self)["base"]), "attribute_map", None) or {}
+        return mapping.get(name, name)
+
+    def __getattr__(self, name: str):  # only for names not found on the proxy itself
+        state = vars(self)
+        if "base" not in state or name.startswith("__"):  # mid-unpickling, or a dunder probe
+            raise AttributeError(name)
+        overrides = state["overrides"]
+        key = self._key(name)
+        if key in overrides:
+            return overrides[key]
+        return getattr(state["base"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        self.overrides[self._key(name)] = value
+
+    def __delattr__(self, name: str) -> None:
+        key = self._key(name)
+        if key not in self.overrides:
+            raise AttributeError(name)
+        del self.overrides[key]
+
+    def holds(self, name: str) -> bool:
+        """Does this layer override ``name`` (else it reads the base's)?"""
+        return self._key(name) in self.overrides
+
+    def field_names(self) -> list[str]:
+        """The base's fields and the overrides."""
+        return list(dict.fromkeys([*vars(self.base), *self.overrides]))
+
+    def to_dict(self) -> dict:
+        out = self.base.to_dict()
+        out.update(self.overrides)
+        return out
+
+    def __getstate__(self) -> dict:
+        return {"base": self.base, "overrides": dict(self.overrides)}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(base=state["base"], overrides=dict(state["overrides"]))
+
+    def __copy__(self) -> LayerConfig:
+        return LayerConfig(self.base, self.overrides)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({self.overrides} over {type(self.base).__name__})"
+
+
+def layer_config(config) -> LayerConfig:
+    """A new per-layer config over ``config`` (a :class:`LayerConfig`: a copy of it, over the same base)."""
+    return copy.copy(config) if isinstance(config, LayerConfig) else LayerConfig(config)
+
+
+def field_names(obj) -> list[str]:
+    """Attribute names an object (a module, a config, a :class:`LayerConfig`) holds itself."""
+    return obj.field_names() if isinstance(obj, LayerConfig) else list(vars(obj))
+
+
 # ---- size holders of a group: which module attribute / config field holds its size, and its scope ----
 
 
@@ -204,11 +281,19 @@ def scaled(value, before: int, after: int):
 
 
 def module_edits(model: nn.Module, new_shapes: dict[str, tuple[int, ...]]) -> list[Edit]:
-    owners = {name.rsplit(".", 1)[0] if "." in name else "" for name in new_shapes}
+    """The layer-rule edits of every module holding a cut tensor, found by identity, not by name: a tied
+    ``lm_head`` holds the embedding's weight, which ``named_parameters`` lists under the embedding only."""
+    tensors = model_tensors(model)
+    cut = {id(tensors[name]): shape for name, shape in new_shapes.items() if name in tensors}
     edits: list[Edit] = []
-    for name, module in model.named_modules():
-        if name in owners:
-            edits.extend(layer_edits(module, new_shapes, name))
+    for path, module in model.named_modules():
+        local = {}
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                if tensor is not None and id(tensor) in cut:
+                    local[f"{path}.{key}" if path else key] = cut[id(tensor)]
+        if local:
+            edits.extend(layer_edits(module, local, path))
     return edits
 
 
@@ -289,9 +374,9 @@ def group_edits(graph, checked: dict[Group, np.ndarray], guess_inner: bool = Tru
                     for _, module in modules:
                         if getattr(module, "config", None) is None:
                             continue
-                        if module.config is config:
+                        if module.config is config:  # its own sizes over the live config (not a copy)
                             if id(module) not in local_configs:
-                                local_configs[id(module)] = copy.copy(config)
+                                local_configs[id(module)] = layer_config(config)
                                 edits.append((module, "config", local_configs[id(module)]))
                             edits.append((local_configs[id(module)], name, new))
                         else:
@@ -441,7 +526,7 @@ def _rank_fields(group: Group, modules, scope_config, cut: bool) -> list[tuple[o
     owners = [module for _, module in modules] + ([scope_config] if scope_config is not None else [])
     found: list[tuple[object, str]] = []
     for owner in owners:
-        for name in list(vars(owner)):
+        for name in field_names(owner):
             # read through getattr: a heterogeneous config refuses per-layer fields (then the module's own
             # attribute is the one that counts)
             value = safe_get(owner, name) if rank_stem(name) is not None else None

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import PruneError
+from .sizes import LayerConfig
 
 __all__ = ["EditReport", "Transaction", "check_forward", "count_parameters", "output_tensor", "run_forward"]
 
@@ -36,7 +37,8 @@ class Transaction:
 
     def set_attr(self, obj: object, name: str, value: object) -> None:
         """``setattr(obj, name, value)``, remembering the old value (or its absence)."""
-        missing = not hasattr(obj, name)
+        # a LayerConfig reads the fields it does not override from its base: undo removes the override
+        missing = not obj.holds(name) if isinstance(obj, LayerConfig) else not hasattr(obj, name)
         self.undo.append(("del" if missing else "attr", obj, name, None if missing else getattr(obj, name)))
         setattr(obj, name, value)
 
