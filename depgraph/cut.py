@@ -79,13 +79,28 @@ def _config_of(model: nn.Module):
     return getattr(model, "config", None)
 
 
+def check_current(graph) -> dict[str, torch.Tensor]:
+    """The model's tensors by name, after checking the graph still describes them (same names and
+    shapes as when traced); else :class:`PruneError`: the graph is stale (the model was cut through
+    another graph, layers or experts were removed), and its unit ids would name the wrong channels."""
+    tensors = model_tensors(graph.model)
+    for name, shape in graph.param_shapes.items():
+        if name not in tensors:
+            raise PruneError(f"parameter {name} no longer exists (layers removed or renamed since tracing): "
+                             "the graph is stale; re-trace the model")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise PruneError(f"parameter {name} changed shape since tracing ({shape} -> "
+                             f"{tuple(tensors[name].shape)}): the graph is stale; re-trace the model")
+    return tensors
+
+
 def zero_mask(graph, plan: Plan) -> None:
     """Reference for the cut: zero the consumer slices (role "in") of the planned units in place.
 
     For MLP neurons and heads, a model masked this way computes exactly what the cut model does.
     """
     checked = validate_plan(graph, plan)
-    tensors = model_tensors(graph.model)
+    tensors = check_current(graph)  # a stale graph's unit ids name other channels: refuse, like prune
     with torch.no_grad():
         for group, units in checked.items():
             for m in group.members:
@@ -102,14 +117,7 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
     """
     model = graph.model
     checked = validate_plan(graph, plan)
-    tensors = model_tensors(model)
-    for name, shape in graph.param_shapes.items():
-        if name not in tensors:
-            raise PruneError(f"parameter {name} no longer exists (layers removed or renamed since tracing): "
-                             "the graph is stale; re-trace the model")
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise PruneError(f"parameter {name} changed shape since tracing ({shape} -> "
-                             f"{tuple(tensors[name].shape)}): the graph is stale; re-trace the model")
+    tensors = check_current(graph)
     before = count_parameters(model)
     if not checked:
         return PruneReport(before, before)

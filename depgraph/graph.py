@@ -50,6 +50,7 @@ class DependencyBuilder:
         self.ctx = RuleContext()
         self.param_nodes: dict[str, tuple[str, list[Axis], bool]] = {}
         self.node_info: dict[str, tuple[str, str]] = {}
+        self.input_ids: list[np.ndarray] = []  # channel ids of the user inputs (features a layer may read)
 
     def run(self) -> RuleContext:
         sig = self.exported.graph_signature
@@ -99,6 +100,7 @@ class DependencyBuilder:
             axes = [ctx.fresh(node, d, s) for d, s in enumerate(shape)]
             for axis in axes:  # user inputs (token ids, masks) are data, not channels
                 ctx.freeze(axis, "model input")
+                self.input_ids.append(axis.ids)
         ctx.axes[node.name] = axes
 
     def _call(self, node: fx.Node) -> None:
@@ -257,7 +259,7 @@ class DependencyGraph:
             for d, axis in enumerate(axes):
                 param_axes.append(G.ParamAxis(name, d, axis.ids, is_buffer))
         param_ids = {(pa.param, pa.dim): pa.ids for pa in param_axes}
-        unsized = self._unsized_splits(ctx, labels, frozen_comp, param_axes, head_ids)
+        unsized = self._unsized_splits(ctx, labels, frozen_comp, param_axes, head_ids, builder.input_ids)
         unsized += _unsized_broadcasts(ctx, labels, frozen_comp, head_ids)
         if unsized:  # after the reshapes settled: freezing more only removes units, never splits one
             frozen = frozen + unsized
@@ -272,7 +274,7 @@ class DependencyGraph:
         remap[np.array(keep, dtype=np.int64)] = np.arange(len(keep))
         comp_group = np.where(comp_group >= 0, remap[np.maximum(comp_group, 0)], -1)
         groups = [groups[gi] for gi in keep]
-        G.classify(groups, comp_group, labels, head_ids, ctx.embed_ids, param_ids, ctx.mixed)
+        G.classify(groups, comp_group, labels, head_ids, ctx.embed_ids, param_ids, ctx.mixed, builder.input_ids)
         for g in groups:
             g.graph_id = id(self)
         self._groups = groups
@@ -289,7 +291,8 @@ class DependencyGraph:
 
     def _unsized_splits(self, ctx: RuleContext, labels: np.ndarray, frozen_comp: np.ndarray,
                         param_axes: list[G.ParamAxis],
-                        head_ids: list[np.ndarray] | tuple = ()) -> list[tuple[np.ndarray, str]]:
+                        head_ids: list[np.ndarray] | tuple = (),
+                        input_ids: list[np.ndarray] | tuple = ()) -> list[tuple[np.ndarray, str]]:
         """Freezes for lengths written in a module's code that no attribute the cut updates holds.
 
         ``torch.split(x, [self.intermediate_size, self.conv_dim, self.num_heads])`` (Mamba's in_proj),
@@ -310,7 +313,8 @@ class DependencyGraph:
             return out
         groups, comp_group, _ = G.form_groups(param_axes, labels, frozen_comp, ctx.uses)
         param_ids = {(pa.param, pa.dim): pa.ids for pa in param_axes}
-        G.classify(groups, comp_group, labels, list(head_ids), ctx.embed_ids, param_ids, ctx.mixed)
+        G.classify(groups, comp_group, labels, list(head_ids), ctx.embed_ids, param_ids, ctx.mixed,
+                   input_ids)
         modules = dict(self.model.named_modules())
         tensors = dict(self.model.named_parameters())
         for ids, size, where, path, reshape, beside_inferred in ctx.sized:

@@ -337,8 +337,11 @@ def form_groups(param_axes: list[ParamAxis], labels: np.ndarray, frozen_comp: np
 
 
 def classify(groups: list[Group], comp_group: np.ndarray, labels: np.ndarray, head_ids, embed_ids,
-             param_ids: dict[tuple[str, int], np.ndarray], mixed_ids=()) -> None:
-    """Set ``kind``, ``exact`` and ``name`` of every group from where it sits in the graph."""
+             param_ids: dict[tuple[str, int], np.ndarray], mixed_ids=(), input_ids=()) -> None:
+    """Set ``kind``, ``exact`` and ``name`` of every group from where it sits in the graph.
+
+    ``input_ids``: channel ids of the model's (frozen) inputs. A layer reading them (an input projection)
+    is an entry point of the stream it writes, like an embedding."""
     def groups_touching(id_lists) -> set[int]:
         if not id_lists:
             return set()
@@ -348,6 +351,7 @@ def classify(groups: list[Group], comp_group: np.ndarray, labels: np.ndarray, he
     head_groups = groups_touching(head_ids)
     embed_groups = groups_touching(embed_ids)
     mixed_groups = groups_touching(list(mixed_ids))
+    input_comps = set(np.unique(labels[np.concatenate(list(input_ids))]).tolist()) if len(input_ids) else set()
     for gi, group in enumerate(groups):
         if gi in head_groups:
             group.kind = GroupKind.B
@@ -357,17 +361,22 @@ def classify(groups: list[Group], comp_group: np.ndarray, labels: np.ndarray, he
             # the residual stream is written by several layers that read different groups. A producer
             # whose other dims are all frozen (Mamba's dt_proj reading the frozen time_step_rank) reads
             # no group: it is no second source, so a block's inner width stays A (zero-mask checked,
-            # its MLP-width attribute rescaled in its own block) instead of passing for hidden channels
-            sources = set()
+            # its MLP-width attribute rescaled in its own block) instead of passing for hidden channels.
+            # A producer reading the model's input features (an input projection) is a source of its own:
+            # with one residual block after it, its output is the residual stream (C), not a block's width
+            sources: set[object] = set()
             for m in group.members:
                 if m.role != "out":
                     continue
                 src = None
                 for d in (d for (p, d) in param_ids if p == m.param and d != m.dim):
-                    g = comp_group[labels[param_ids[(m.param, d)]]]
+                    comps = labels[param_ids[(m.param, d)]]
+                    g = comp_group[comps]
                     g = g[g >= 0]
                     if g.size:
                         src = int(np.bincount(g).argmax())
+                    elif input_comps and not input_comps.isdisjoint(np.unique(comps).tolist()):
+                        src = "model input"
                 if src is not None:
                     sources.add(src)
             group.kind = GroupKind.C if len(sources) >= 2 else GroupKind.A
