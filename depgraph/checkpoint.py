@@ -88,7 +88,9 @@ def model_diff(model: nn.Module, config=None) -> dict:
                 attrs.setdefault(path, {})[key] = list(value) if isinstance(value, tuple) else value
         local = getattr(module, "config", None)
         if local is not None and local is not model.config and hasattr(local, "to_dict"):
-            configs[path] = {k: v for k, v in local.to_dict().items() if base.get(k) != v}
+            differs = {k: v for k, v in local.to_dict().items() if base.get(k) != v}
+            if differs:  # a per-layer config whose overrides a later uniform cut made equal says nothing
+                configs[path] = differs
     return {"shapes": shapes, "attrs": attrs, "configs": configs, "modules": _module_mismatch(model, ref),
             "containers": _container_mismatch(model, ref)}
 
