@@ -20,8 +20,8 @@ from torch import nn
 
 from .checkpoint import BASE_CONFIG_ATTR
 from .errors import PruneError
-from .groups import Group
-from .sizes import group_edits, model_tensors, module_edits
+from .groups import Group, GroupKind
+from .sizes import group_edits, model_tensors, module_edits, rms_norm_edits
 from .transaction import EditReport, Transaction, check_forward, count_parameters, run_forward
 
 Plan = Mapping[Group, Iterable[int]]
@@ -95,18 +95,24 @@ def check_current(graph) -> dict[str, torch.Tensor]:
 
 
 def zero_mask(graph, plan: Plan) -> None:
-    """Reference for the cut: zero the consumer slices (role "in") of the planned units in place.
+    """Reference for the cut: zero the planned units in place, in the consumer slices (role "in"); for
+    hidden channels (C) everywhere they live (embeddings, producers, biases, norm weights).
 
-    For MLP neurons and heads, a model masked this way computes exactly what the cut model does.
+    For MLP neurons and heads, a model masked this way computes exactly what the cut model does; for
+    hidden channels under RMSNorm too (``Group.exact``: the cut rescales the norms).
     """
     checked = validate_plan(graph, plan)
     tensors = check_current(graph)  # a stale graph's unit ids name other channels: refuse, like prune
     with torch.no_grad():
-        for group, units in checked.items():
-            for m in group.members:
-                if m.role == "in":
-                    idx = torch.as_tensor(m.indices(units), dtype=torch.long)
-                    tensors[m.param].index_fill_(m.dim, idx.to(tensors[m.param].device), 0)
+        for t, d, idx in _mask_slices(checked, tensors):
+            t.index_fill_(d, idx.to(t.device), 0)
+
+
+def _mask_slices(checked: dict[Group, np.ndarray], tensors) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """``(tensor, dim, indices)`` that zero-masking the plan zeroes: the consumer slices of A/B units; every
+    slice of C channels, so the channel is zero in the residual stream (what a norm's statistic sees)."""
+    return [(tensors[m.param], m.dim, torch.as_tensor(m.indices(u), dtype=torch.long))
+            for g, u in checked.items() for m in g.members if m.role == "in" or g.kind is GroupKind.C]
 
 
 def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
@@ -160,8 +166,15 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
                     index = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=data.device)
                     data = data.index_select(dim, index)
             staged[param] = data.contiguous()
+    # hidden cuts under RMSNorm: rescale each norm's weight and eps so the cut equals zero-masking
+    norm_edits: list = []
+    for group, units in checked.items():
+        scales, eps_edits = rms_norm_edits(model, group, group.size - int(units.size))
+        norm_edits += eps_edits
+        for param in staged:
+            if id(tensors[param]) in scales:
+                staged[param] = staged[param] * scales[id(tensors[param])]
 
-    # 3. stage attribute edits
     # 3. the reference for exact groups: the same units zero-masked in the model as it is now
     reference = _masked_reference(graph, checked, tensors) if verify else None
 
@@ -170,7 +183,7 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
     transaction = Transaction()
     failure: Exception | None = None
     for guess_inner in (True, False):
-        edits = module_edits(model, new_shapes) + group_edits(graph, checked, guess_inner=guess_inner)
+        edits = module_edits(model, new_shapes) + group_edits(graph, checked, guess_inner=guess_inner) + norm_edits
         transaction = Transaction()
         config = _config_of(model)
         try:
@@ -217,8 +230,7 @@ def _masked_reference(graph, checked: dict[Group, np.ndarray], tensors) -> torch
     """
     if not all(g.exact for g in checked):
         return None
-    slices = [(tensors[m.param], m.dim, torch.as_tensor(m.indices(u), dtype=torch.long))
-              for g, u in checked.items() for m in g.members if m.role == "in"]
+    slices = _mask_slices(checked, tensors)
     if not slices or any(t.device.type == "meta" for t, _, _ in slices):
         return None
     saved = [(t, d, i, t.data.index_select(d, i.to(t.device)).clone()) for t, d, i in slices]

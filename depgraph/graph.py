@@ -51,6 +51,7 @@ class DependencyBuilder:
         self.param_nodes: dict[str, tuple[str, list[Axis], bool]] = {}
         self.node_info: dict[str, tuple[str, str]] = {}
         self.input_ids: list[np.ndarray] = []  # channel ids of the user inputs (features a layer may read)
+        self.mix_sites: list[tuple[np.ndarray, str]] = []  # (reduced ids, module that reduced them)
 
     def run(self) -> RuleContext:
         sig = self.exported.graph_signature
@@ -107,6 +108,7 @@ class DependencyBuilder:
         ctx = self.ctx
         rule = lookup(node.target)
         result = NotImplemented
+        mixed_before = len(ctx.mixed)
         if rule is not None:
             try:
                 result = rule(ctx, node)
@@ -117,6 +119,8 @@ class DependencyBuilder:
                 result = NotImplemented
         if result is NotImplemented:
             result = self._unknown(node)
+        where = module_path(node)
+        self.mix_sites.extend((ids, where) for ids in ctx.mixed[mixed_before:])
         ctx.axes[node.name] = result
         self._freeze_data_dependent(node, result)
 
@@ -275,6 +279,7 @@ class DependencyGraph:
         comp_group = np.where(comp_group >= 0, remap[np.maximum(comp_group, 0)], -1)
         groups = [groups[gi] for gi in keep]
         G.classify(groups, comp_group, labels, head_ids, ctx.embed_ids, param_ids, ctx.mixed, builder.input_ids)
+        self._mark_rms_exact(groups, comp_group, labels, builder.mix_sites)
         for g in groups:
             g.graph_id = id(self)
         self._groups = groups
@@ -338,6 +343,28 @@ class DependencyGraph:
                                      f"{group.kind.value} cut updates holds it"))
                     break
         return out
+
+    def _mark_rms_exact(self, groups: list[G.Group], comp_group: np.ndarray, labels: np.ndarray,
+                        mix_sites: list[tuple[np.ndarray, str]]) -> None:
+        """Hidden-channel (C) groups whose channels are reduced over only inside plain RMSNorms holding
+        their weights are exact: the cut rescales each norm (:func:`depgraph.sizes.rms_norm_edits`) so it
+        equals zero-masking the channels everywhere they live. ``extra["rms_norms"]`` names the norms."""
+        sites: dict[int, set[str]] = {}
+        for ids, where in mix_sites:
+            g = comp_group[labels[ids]]
+            for gi in np.unique(g[g >= 0]).tolist():
+                sites.setdefault(gi, set()).add(where)
+        modules = dict(self.model.named_modules())
+        tensors = dict(self.model.named_parameters())
+        for gi, group in enumerate(groups):
+            if group.kind is not G.GroupKind.C or group.exact or not sites.get(gi):
+                continue
+            owned = sizes.member_tensors(tensors, group)
+            norms = sorted(sites[gi])
+            if all(path in modules and id(getattr(modules[path], "weight", None)) in owned
+                   and sizes.rms_norm_eps(modules[path]) is not None for path in norms):
+                group.exact = True
+                group.extra["rms_norms"] = norms
 
     def _warn_kept_whole(self) -> None:
         """One warning per module whose weights' channels are frozen because the rules cannot prove a

@@ -608,3 +608,55 @@ def head_count_updated(module: nn.Module, path: str, size: int, group: Group, gr
     values = (safe_get(config, name) for name in HEAD_CONFIG)
     # scaled: a positive int (not a bool) that the cut can rescale in proportion to the units
     return any(value == size and scaled(value, group.size, 1) is not None for value in values)
+
+
+# ---- RMSNorm over hidden channels: a cut keeps the statistic of zero-masking ----
+
+RMS_EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
+
+
+def rms_norm_eps(module: nn.Module) -> str | None:
+    """The attribute holding ``eps`` if ``module`` computes ``x * rsqrt(mean(x**2) + eps) * weight`` over its
+    last dim (checked on a probe input, not by class name: Gemma's ``1 + weight`` is not it); else None."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.device.type == "meta":
+        return None
+    name = next((a for a in RMS_EPS_ATTRS if isinstance(vars(module).get(a), float)), None)
+    if name is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, weight.numel(), generator=gen, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            out = module(x.to(device=weight.device, dtype=weight.dtype)).float().cpu()
+    except Exception:  # a norm that needs more than a tensor: not the plain kind
+        return None
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + getattr(module, name)) * weight.detach().float().cpu()
+    return name if out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-3, atol=1e-5) else None
+
+
+def rms_norm_edits(model: nn.Module, group: Group, after: int) -> tuple[dict[int, float], list[Edit]]:
+    """For a C cut of ``group`` down to ``after`` channels: ``({id(norm weight): factor}, eps edits)``.
+
+    An RMSNorm over ``d`` channels of which ``d - d'`` are zero-masked averages over ``d``; the cut one over
+    ``d'``. Weight x sqrt(d/d') and eps x d/d' make them equal. ``config.rms_norm_eps`` follows when every
+    module holding that eps is one of the rescaled norms (else the modules' own attributes state it)."""
+    paths = group.extra.get("rms_norms")
+    if not paths or after >= group.size:
+        return {}, []
+    ratio = group.size / after
+    modules = dict(model.named_modules())
+    scales: dict[int, float] = {}
+    edits: list[Edit] = []
+    for path in paths:
+        module = modules[path]
+        name = rms_norm_eps(module) or next(a for a in RMS_EPS_ATTRS if isinstance(vars(module).get(a), float))
+        scales[id(module.weight)] = ratio ** 0.5
+        edits.append((module, name, getattr(module, name) * ratio))
+    config = getattr(model, "config", None)
+    eps = safe_get(config, "rms_norm_eps")
+    if isinstance(eps, float):
+        holders = [m for m in model.modules() if any(vars(m).get(a) == eps for a in RMS_EPS_ATTRS)]
+        if all(any(m is modules[p] for p in paths) for m in holders):
+            edits.append((config, "rms_norm_eps", eps * ratio))
+    return scales, edits

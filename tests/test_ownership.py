@@ -266,3 +266,33 @@ def test_every_size_holder_agrees_after_any_cut(family, data, tmp_path_factory):
         assert state["hf_compatible"]
         plain = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
         torch.testing.assert_close(_logits(plain, ids), logits)
+
+
+# ------------------------------------------------- issue 16 item 4: exact hidden cuts under RMSNorm
+
+@settings(max_examples=6)
+@given(family=st.sampled_from(["llama", "qwen2", "mistral"]), data=st.data())
+def test_rmsnorm_hidden_cut_equals_zero_masking(family, data):
+    """A C cut under RMSNorm rescales each norm (weight x sqrt(d/d'), eps x d/d'): it then equals zero-masking
+    the channels everywhere they live, so the group is exact."""
+    model = tiny_model(family)
+    ids = example_ids(model)
+    graph = depgraph.trace(model)
+    (hidden,) = graph.groups("C")
+    assert hidden.exact and hidden.extra["rms_norms"]
+    units = data.draw(st.lists(st.integers(0, hidden.size - 1), min_size=1, max_size=hidden.size // 2, unique=True))
+    reference = copy.deepcopy(model)
+    twin = depgraph.trace(reference)
+    depgraph.zero_mask(twin, {twin.groups("C")[0]: units})
+    eps = model.config.rms_norm_eps
+    graph.prune({hidden: units})  # the forward check compares with zero-masking (exact group)
+    ratio = 64 / (64 - len(units))
+    assert model.config.rms_norm_eps == pytest.approx(eps * ratio)
+    assert model.model.norm.variance_epsilon == pytest.approx(eps * ratio)
+    torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_rmsnorm_with_one_plus_weight_stays_approximate():
+    model = tiny_model("gemma")  # Gemma's RMSNorm scales by 1 + weight: not rescaled, not exact
+    (hidden,) = depgraph.trace(model).groups("C")
+    assert not hidden.exact and "rms_norms" not in hidden.extra
