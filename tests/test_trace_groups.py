@@ -160,7 +160,8 @@ def test_contract_hidden_group_members(contract):
     assert slots(c) == want
     for m in c.members:  # hidden channel i is index i of every member
         assert m.unit_of_index.tolist() == list(range(64))
-    assert not c.exact
+    # every reduction over the hidden channels is inside a plain RMSNorm: the cut rescales them, exact
+    assert c.exact and c.extra["rms_norms"] == sorted(n.rsplit(".", 1)[0] for n in hidden_norms(model, 64))
 
 
 def test_contract_head_and_neuron_index_mapping(contract):
