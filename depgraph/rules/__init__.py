@@ -3,6 +3,7 @@ its kind (pointwise, shape, contraction, normalization, creation); see docs/addi
 
 from . import contraction, creation, indexing, normalization, pointwise, sequence, shape  # noqa: F401
 from .context import Axis, ParamUse, Relation, RuleContext, module_path, shape_of
-from .registry import RULES, lookup, register
+from .registry import RULES, apply_rule, lookup, register, unregister
 
-__all__ = ["Axis", "ParamUse", "Relation", "RuleContext", "RULES", "lookup", "register", "module_path", "shape_of"]
+__all__ = ["Axis", "ParamUse", "Relation", "RuleContext", "RULES", "apply_rule", "lookup", "register", "unregister",
+           "module_path", "shape_of"]
