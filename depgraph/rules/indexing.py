@@ -26,7 +26,8 @@ def _couple_besides(ctx: RuleContext, src: list[Axis], other: list[Axis] | None,
     if other is None or len(other) != len(src):
         return
     for j, (a, b) in enumerate(zip(src, other)):
-        if j == dim:
+        if j == dim:  # positions along ``dim`` are matched by data (or by the index's length): never cut
+            ctx.freeze(b, f"{why} at {ctx.where()}")
             continue
         if a.size == b.size:
             ctx.couple(a, b, why)
