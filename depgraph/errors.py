@@ -17,3 +17,7 @@ class UnsupportedModelError(DepGraphError):
 
 class PruneError(DepGraphError):
     """A pruning plan was rejected; the model was left exactly as it was."""
+
+
+class RuleError(DepGraphError):
+    """An op rule was registered wrongly: a second rule for an op that already has one."""

@@ -16,12 +16,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from . import groups as G
 from . import sizes
 from .errors import TraceError, UnsupportedModelError
-from .rules import Axis, RuleContext, lookup, module_path, shape_of
+from .rules import Axis, RuleContext, apply_rule, module_path, shape_of
 from .rules.context import axis_key, data_dependent_dims, is_multi, size_of
 from .trace import export, normalise_inputs
 
@@ -61,7 +60,7 @@ class DependencyBuilder:
         for node_name, const in dict(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {}).items():
             value = self.exported.constants.get(const)
             if isinstance(value, torch.Tensor) and value.numel() <= 4096 and not value.is_floating_point():
-                ctx.constants[node_name] = value  # rules may read fixed indices (see rules/shape.py index)
+                ctx.constants[node_name] = value  # rules may read fixed indices (see rules/indexing.py constant_values)
         for node in self.exported.graph.nodes:
             ctx.current = node
             ctx.order += 1
@@ -106,17 +105,8 @@ class DependencyBuilder:
 
     def _call(self, node: fx.Node) -> None:
         ctx = self.ctx
-        rule = lookup(node.target)
-        result = NotImplemented
         mixed_before = len(ctx.mixed)
-        if rule is not None:
-            try:
-                result = rule(ctx, node)
-            except (TypeError, IndexError, ValueError, AttributeError, KeyError,
-                    GuardOnDataDependentSymNode) as exc:
-                # a rule that cannot read this variant of its op falls back to the safe rule
-                log.debug("rule for %s failed on %s: %s", node.target, node.name, exc)
-                result = NotImplemented
+        result = apply_rule(ctx, node)
         if result is NotImplemented:
             result = self._unknown(node)
         where = module_path(node)

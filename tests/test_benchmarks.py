@@ -1,8 +1,9 @@
 """Smoke tests of the benchmark scripts (issues 8 and 11): they run, print their tables, and the core
 architecture families fully pass the coverage checks.
 
-Both scripts run as subprocesses with a timeout, exactly as a user runs them. Timings are never asserted.
-The whole file takes about 4-5 minutes on 2 CPU cores.
+Both scripts run as subprocesses, exactly as a user runs them. Smoke tests assert output, never elapsed
+time: a busy machine may take several times longer than an idle one, and that is not a failure.
+The whole file takes about 4-5 minutes on an idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -22,20 +23,27 @@ CORE = ["llama", "mistral", "qwen2", "gpt2", "opt", "phi3", "bert"]
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+# Only a hang guard, never a performance check: an hour is far above any realistic run (each script takes
+# minutes even on a loaded machine), so reaching it means the script hangs, not that the machine is busy.
+HANG_GUARD_S = 3600
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     try:
-        return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env=env)
+        return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=HANG_GUARD_S, env=env)
     except subprocess.TimeoutExpired as exc:
         tail = (exc.stderr or b"")[-2000:] if isinstance(exc.stderr, bytes) else (exc.stderr or "")[-2000:]
-        pytest.fail(f"{' '.join(args)} did not finish within {timeout:.0f} s; stderr tail:\n{tail}")
+        pytest.fail(f"{' '.join(args)} still running after {HANG_GUARD_S} s (hung?); stderr tail:\n{tail}")
 
 
 def test_speed_quick_prints_table(tmp_path: Path) -> None:
     """`speed.py --quick` (tiny + 1.1B shape with 4 layers, 2 runs) prints the main table and writes JSON."""
     out = tmp_path / "speed.json"
-    done = _run([str(BENCH / "speed.py"), "--quick", "--json", str(out)], timeout=180)
+    # speed.py bounds each child (30 s for tiny models under --quick) so a slow tool becomes a "timeout"
+    # cell; depgraph's cells must be "ok", so give its tiny-model children a hang guard, not a budget
+    done = _run([str(BENCH / "speed.py"), "--quick", "--small-timeout", "600", "--json", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
     assert "| model | layers (dg / TP / export)" in text
@@ -54,8 +62,10 @@ def test_coverage_sample_core_families_pass(tmp_path: Path) -> None:
     """`coverage.py --sample --jobs 2` prints the summary line; llama, mistral, qwen2, gpt2, opt, phi3, bert pass."""
     out = tmp_path / "coverage.json"
     md = tmp_path / "coverage.md"
-    done = _run([str(BENCH / "coverage.py"), "--sample", "--jobs", "2", "--json", str(out), "--out", str(md)],
-                timeout=330)
+    # coverage.py gives each architecture 120 s by default and records "timeout" past it; the core families
+    # must pass, so their budget is a hang guard too
+    done = _run([str(BENCH / "coverage.py"), "--sample", "--jobs", "2", "--timeout", "1200", "--json", str(out),
+                 "--out", str(md)])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "architectures fully pass (" in done.stdout
     assert md.read_text().strip().endswith("%)")

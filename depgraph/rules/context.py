@@ -276,6 +276,11 @@ def op_arg(node: fx.Node, name: str, default=None):
     return default
 
 
+def norm_dim(d: int, ndim: int) -> int:
+    """A dimension argument as a non-negative index (``-1`` is the last of ``ndim`` dims)."""
+    return d + ndim if d < 0 else d
+
+
 def axis_key(name: str, dim: int) -> str:
     return f"{name}:{dim}"
 

@@ -1,5 +1,7 @@
 """Views and data movement: reshape, transpose, slicing, concatenation, repetition.
 
+Indexing by data (``index``, ``index_select``, gather/scatter) is in :mod:`depgraph.rules.indexing`.
+
 Reshape is where channels become heads: ``[..., 64] -> [..., 4, 16]`` records that the
 64 neurons are the row-major product of 4 heads and 16 head dims (:meth:`RuleContext.product`);
 which factor becomes the prunable unit is decided once the whole graph is known
@@ -14,14 +16,10 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .context import Axis, RuleContext, axis_key, is_multi, op_arg, shape_of, size_of
+from .context import Axis, RuleContext, axis_key, is_multi, norm_dim, op_arg, shape_of, size_of
 from .registry import register
 
 aten = torch.ops.aten
-
-
-def _dim(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
 
 
 def reshape_axes(ctx: RuleContext, node: fx.Node, src: list[Axis], out_shape,
@@ -125,7 +123,7 @@ def sym_size(ctx: RuleContext, node: fx.Node):
     d = op_arg(node, "dim")
     if src is None or not isinstance(d, int):
         return NotImplemented
-    ctx.freeze(src[_dim(d, len(src))], f"size read at {ctx.where()}")
+    ctx.freeze(src[norm_dim(d, len(src))], f"size read at {ctx.where()}")
     return None
 
 
@@ -140,8 +138,8 @@ def view_as(ctx: RuleContext, node: fx.Node):
 def transpose(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
     nd = len(src)
-    d0 = _dim(op_arg(node, "dim0", op_arg(node, "axis0")), nd)
-    d1 = _dim(op_arg(node, "dim1", op_arg(node, "axis1")), nd)
+    d0 = norm_dim(op_arg(node, "dim0", op_arg(node, "axis0")), nd)
+    d1 = norm_dim(op_arg(node, "dim1", op_arg(node, "axis1")), nd)
     order = list(range(nd))
     order[d0], order[d1] = order[d1], order[d0]
     ctx.view_of_param(node.args[0], node, order)
@@ -151,7 +149,7 @@ def transpose(ctx: RuleContext, node: fx.Node):
 @register(aten.permute)
 def permute(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    order = [_dim(d, len(src)) for d in op_arg(node, "dims")]
+    order = [norm_dim(d, len(src)) for d in op_arg(node, "dims")]
     return [ctx.same(src[o], node, j) for j, o in enumerate(order)]
 
 
@@ -165,7 +163,7 @@ def matrix_t(ctx: RuleContext, node: fx.Node):
 @register(aten.unsqueeze)
 def unsqueeze(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    d = _dim(op_arg(node, "dim"), len(src) + 1)
+    d = norm_dim(op_arg(node, "dim"), len(src) + 1)
     out = [ctx.same(a, node, j if j < d else j + 1) for j, a in enumerate(src)]
     out.insert(d, ctx.fresh(node, d, 1))
     return out
@@ -177,7 +175,7 @@ def squeeze(ctx: RuleContext, node: fx.Node):
     dims = op_arg(node, "dim")
     if dims is not None:
         dims = dims if isinstance(dims, (list, tuple)) else [dims]
-        drop = {_dim(d, len(src)) for d in dims if src[_dim(d, len(src))].size == 1}
+        drop = {norm_dim(d, len(src)) for d in dims if src[norm_dim(d, len(src))].size == 1}
     else:
         drop = {j for j, a in enumerate(src) if a.size == 1}
     kept = [a for j, a in enumerate(src) if j not in drop]
@@ -244,14 +242,14 @@ def repeat_interleave(ctx: RuleContext, node: fx.Node):
     dim = op_arg(node, "dim")
     if src is None or not isinstance(reps, int) or dim is None:
         return NotImplemented
-    dim = _dim(dim, len(src))
+    dim = norm_dim(dim, len(src))
     return [ctx.same(a, node, j, np.repeat(a.ids, reps) if j == dim else None) for j, a in enumerate(src)]
 
 
 @register(aten.slice)
 def slice_(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(op_arg(node, "dim", 0), len(src))
+    dim = norm_dim(op_arg(node, "dim", 0), len(src))
     # None bounds and negative / past-the-end ints: python slice semantics, as torch does
     sub = slice(*slice(op_arg(node, "start"), op_arg(node, "end"), op_arg(node, "step", 1)).indices(src[dim].size))
     return [ctx.same(a, node, j, a.ids[sub] if j == dim else None) for j, a in enumerate(src)]
@@ -260,7 +258,7 @@ def slice_(ctx: RuleContext, node: fx.Node):
 @register(aten.narrow)
 def narrow(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(op_arg(node, "dim"), len(src))
+    dim = norm_dim(op_arg(node, "dim"), len(src))
     start, length = op_arg(node, "start"), op_arg(node, "length")
     start = start + src[dim].size if start < 0 else start
     return [ctx.same(a, node, j, a.ids[start:start + length] if j == dim else None) for j, a in enumerate(src)]
@@ -270,7 +268,7 @@ def narrow(ctx: RuleContext, node: fx.Node):
 def select(ctx: RuleContext, node: fx.Node):
     # code that reads one fixed index would read another neuron after a cut: freeze the axis
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(op_arg(node, "dim"), len(src))
+    dim = norm_dim(op_arg(node, "dim"), len(src))
     ctx.freeze(src[dim], f"select at {ctx.where()}")
     # one expert's slice of a stacked weight (JetMoE's ``self.weight[i]``) is still that weight: its
     # uses give the parameter's dims their roles ("in" columns are what zero_mask masks)
@@ -284,7 +282,7 @@ def cat(ctx: RuleContext, node: fx.Node):
     parts = [ctx.tensor_axes(t) for t in node.args[0]]
     shape = shape_of(node)
     parts = [p for p in parts if p is not None and len(p) == len(shape)]  # legacy 1-D empties
-    dim = _dim(op_arg(node, "dim", 0), len(shape))
+    dim = norm_dim(op_arg(node, "dim", 0), len(shape))
     out = []
     for j in range(len(shape)):
         if j == dim:
@@ -333,7 +331,7 @@ def _equal_pieces(ctx: RuleContext, node: fx.Node, src: list[Axis], dim: int, ea
 @register(aten.split, aten.split_copy)
 def split(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(op_arg(node, "dim", 0), len(src))
+    dim = norm_dim(op_arg(node, "dim", 0), len(src))
     spec = op_arg(node, "split_size")
     if isinstance(spec, (list, tuple)):  # split.sizes
         return _sized_pieces(ctx, node, src, dim, list(spec))
@@ -344,7 +342,7 @@ def split(ctx: RuleContext, node: fx.Node):
 def split_with_sizes(ctx: RuleContext, node: fx.Node):
     # explicit sizes (q/k/v of different widths): each piece follows its own structure
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(op_arg(node, "dim", 0), len(src))
+    dim = norm_dim(op_arg(node, "dim", 0), len(src))
     sizes = list(op_arg(node, "split_sizes"))
     if not all(isinstance(size, int) for size in sizes):
         return _data_pieces(ctx, node, src, dim)
@@ -382,7 +380,7 @@ def _sized_pieces(ctx: RuleContext, node: fx.Node, src: list[Axis], dim: int, si
 @register(aten.chunk, aten.unsafe_chunk)
 def chunk(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(op_arg(node, "dim", 0), len(src))
+    dim = norm_dim(op_arg(node, "dim", 0), len(src))
     each = -(-src[dim].size // op_arg(node, "chunks"))
     return _equal_pieces(ctx, node, src, dim, each)
 
@@ -390,7 +388,7 @@ def chunk(ctx: RuleContext, node: fx.Node):
 @register(aten.unbind)
 def unbind(ctx: RuleContext, node: fx.Node):
     src = ctx.tensor_axes(node.args[0])
-    dim = _dim(op_arg(node, "dim", 0), len(src))
+    dim = norm_dim(op_arg(node, "dim", 0), len(src))
     ctx.freeze(src[dim], f"unbind at {ctx.where()}")
     kept = [a for j, a in enumerate(src) if j != dim]
     return [[ctx.same(a, node, j) for j, a in enumerate(kept)] for _ in range(src[dim].size)]
@@ -404,7 +402,7 @@ def stack(ctx: RuleContext, node: fx.Node):
     shape = shape_of(node)
     if shape is None or not parts or any(p is None or len(p) != len(shape) - 1 for p in parts):
         return NotImplemented
-    dim = _dim(op_arg(node, "dim", 0), len(shape))
+    dim = norm_dim(op_arg(node, "dim", 0), len(shape))
     out = []
     for j, axis in enumerate(parts[0]):
         out.append(ctx.same(axis, node, j if j < dim else j + 1))
@@ -413,124 +411,6 @@ def stack(ctx: RuleContext, node: fx.Node):
             ctx.axis_edges.append((p[j].key, out[-1].key, "stack"))
     out.insert(dim, ctx.fresh(node, dim, len(parts)))
     return out
-
-
-@register(aten.index_select)
-def index_select(ctx: RuleContext, node: fx.Node):
-    # rows picked by data: like select/embedding, the indexed axis is frozen, the others pass
-    src = ctx.tensor_axes(node.args[0])
-    shape = shape_of(node)
-    if src is None or shape is None:
-        return NotImplemented
-    dim = _dim(op_arg(node, "dim"), len(src))
-    ctx.freeze(src[dim], f"index_select at {ctx.where()}")
-    return [ctx.fresh(node, j, shape[j]) if j == dim else ctx.same(a, node, j) for j, a in enumerate(src)]
-
-
-def _is_mask(arg) -> bool:
-    val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
-    return val is not None and val.dtype in (torch.bool, torch.uint8)
-
-
-def _masked(ctx: RuleContext, node: fx.Node, src: list[Axis], shape, d: int, mask: fx.Node):
-    """``x[:, mask]`` with a boolean mask over dims ``d .. d+k-1`` (X-MOD picks the rows of one language):
-    those dims become one axis of the selected elements (data: frozen, like the masked dims); the
-    dims before and after pass through, so the channels the rows carry stay prunable."""
-    k = len(mask.meta["val"].shape)
-    if len(shape) != len(src) - k + 1 or [a.size for a in src[d:d + k]] != list(shape_of(mask) or ()):
-        return NotImplemented
-    for axis in src[d:d + k]:
-        ctx.freeze(axis, f"boolean mask at {ctx.where()}")
-    picked = ctx.fresh(node, d, shape[d])
-    ctx.freeze(picked, f"boolean mask at {ctx.where()}")
-    before = [ctx.same(a, node, j) for j, a in enumerate(src[:d])]
-    after = [ctx.same(a, node, d + 1 + j) for j, a in enumerate(src[d + k:])]
-    return before + [picked] + after
-
-
-@register(aten.index.Tensor)
-def index(ctx: RuleContext, node: fx.Node):
-    """Advanced indexing ``x[..., idx, ...]``: indexed axes are frozen, the other axes pass through.
-
-    The broadcast index dims go where numpy puts them: in place of the indexed dims when
-    those are adjacent, first otherwise. One boolean mask: :func:`_masked`; other masks are not handled.
-    """
-    src = ctx.tensor_axes(node.args[0])
-    shape = shape_of(node)
-    indices = list(op_arg(node, "indices"))
-    if src is None or shape is None:
-        return NotImplemented
-    where = [d for d, ix in enumerate(indices) if ix is not None]
-    if len(where) == 1 and _is_mask(indices[where[0]]):
-        return _masked(ctx, node, src, shape, where[0], indices[where[0]])
-    idx_axes = []
-    for d in where:
-        val = indices[d].meta.get("val") if isinstance(indices[d], fx.Node) else None
-        axes = ctx.tensor_axes(indices[d])
-        if axes is None or val is None or val.dtype in (torch.bool, torch.uint8):
-            return NotImplemented
-        idx_axes.append(axes)
-    if not where:
-        return [ctx.same(a, node, j) for j, a in enumerate(src)]
-    fixed = constant_values(ctx, indices[where[0]]) if len(where) == 1 else None
-    if fixed is not None and fixed.ndim == 1 and len(shape) == len(src):
-        return _constant_index(ctx, node, src, where[0], fixed)
-    nb = max(len(a) for a in idx_axes)
-    rest = [(d, a) for d, a in enumerate(src) if d not in where]
-    adjacent = where == list(range(where[0], where[-1] + 1))
-    pos = where[0] if adjacent else 0
-    if len(rest) + nb != len(shape):
-        return NotImplemented
-    for d in where:
-        ctx.freeze(src[d], f"index at {ctx.where()}")
-    out: list[Axis] = []
-    for j in range(len(shape)):
-        if pos <= j < pos + nb:  # a broadcast index dim: index tensors aligned from the right
-            aligned = [a[len(a) - nb + (j - pos)] for a in idx_axes if len(a) - nb + (j - pos) >= 0]
-            aligned = [a for a in aligned if a.size == shape[j]]
-            for other in aligned[1:]:
-                ctx.couple(aligned[0], other, "index broadcast")
-            out.append(ctx.same(aligned[0], node, j) if aligned else ctx.fresh(node, j, shape[j]))
-        else:
-            _, axis = rest[j if j < pos else j - nb]
-            out.append(ctx.same(axis, node, j))
-    return out
-
-
-_CONSTANT_VIEWS = {aten.lift_fresh_copy.default, aten.clone.default, aten.detach.default,
-                   aten._to_copy.default, aten.alias.default}
-
-
-def constant_values(ctx: RuleContext, arg) -> np.ndarray | None:
-    """Values of an integer tensor constant written in the model's code (``x[..., [-2], :]``), else None."""
-    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in _CONSTANT_VIEWS:
-        arg = arg.args[0]
-    value = ctx.constants.get(arg.name) if isinstance(arg, fx.Node) else None
-    if value is None or value.dtype in (torch.bool, torch.uint8):
-        return None
-    return value.detach().cpu().numpy().astype(np.int64)
-
-
-def _constant_index(ctx: RuleContext, node: fx.Node, src: list[Axis], dim: int, values: np.ndarray):
-    """``x[..., idx, ...]`` with a fixed 1-D ``idx``: the picked neurons carry through.
-
-    A fixed index keeps naming the same neuron after a cut only if nothing between it and the end
-    it counts from is cut: index ``v >= 0`` needs positions ``0..v`` kept, ``v < 0`` positions
-    ``n+v..n-1``. Those are frozen; the rest of the axis stays prunable (Falcon's fused
-    ``[query heads.., k, v]`` axis: k and v picked by ``[-2]``/``[-1]``, the query heads cut).
-    """
-    n = src[dim].size
-    if values.size and (values.max() >= n or values.min() < -n):
-        return NotImplemented
-    kept = np.zeros(n, dtype=bool)
-    for v in values.tolist():
-        if v >= 0:
-            kept[:v + 1] = True
-        else:
-            kept[n + v:] = True
-    ctx.freeze(src[dim].ids[kept], f"fixed index at {ctx.where()}")
-    picked = src[dim].ids[values % n] if n else src[dim].ids
-    return [ctx.same(a, node, j, picked if j == dim else None) for j, a in enumerate(src)]
 
 
 @register(operator.getitem)
