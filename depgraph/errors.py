@@ -17,3 +17,8 @@ class UnsupportedModelError(DepGraphError):
 
 class PruneError(DepGraphError):
     """A pruning plan was rejected; the model was left exactly as it was."""
+
+
+class CalibrationError(DepGraphError, ValueError):
+    """Calibration data or example inputs are unusable (type, dtype, rank, ids outside the vocabulary,
+    no text or tokenizer); raised before any forward pass runs. Also a ``ValueError``."""

@@ -31,6 +31,9 @@ from torch import nn
 from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
+from . import calibration
+from .errors import CalibrationError
+
 try:  # transformers is a dependency, but keep the module importable without it
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -234,31 +237,14 @@ def _resolve_sparsity(
 # calibration (Wanda input norms)
 
 
-def _calib_batches(calib: Calib | None) -> list[torch.Tensor]:
-    if calib is None:
-        raise ValueError(
-            "method='wanda' needs calib: a LongTensor [batch, seq] of token ids or a list of such tensors"
-        )
-    batches = [calib] if isinstance(calib, torch.Tensor) else list(calib)
-    if not batches:
-        raise ValueError("calib is an empty list; pass at least one LongTensor [batch, seq] of token ids")
-    out = []
-    for i, batch in enumerate(batches):
-        if not isinstance(batch, torch.Tensor) or batch.dtype.is_floating_point or batch.dtype == torch.bool:
-            raise ValueError(f"calib[{i}] must be an integer tensor of token ids, got {type(batch).__name__}")
-        if batch.dim() == 1:
-            batch = batch.unsqueeze(0)
-        if batch.dim() != 2 or batch.numel() == 0:
-            raise ValueError(f"calib[{i}] must have shape [batch, seq], got {tuple(batch.shape)}")
-        out.append(batch)
-    return out
-
-
 def _input_norms(
     model: nn.Module, modules: Mapping[str, nn.Module], calib: Calib | None, progress: bool
 ) -> dict[str, torch.Tensor]:
     """``||X_j||_2`` per input feature of every module, over all calibration tokens (one pass)."""
-    batches = _calib_batches(calib)
+    if calib is None:
+        raise CalibrationError("method='wanda' needs calib: a LongTensor [batch, seq] of token ids or a list of such "
+                            "tensors, e.g. depgraph.data.calibration_batches(text, tokenizer=tok)")
+    batches = calibration.batches(calib, calibration.vocab_size(model), ids_only=True)
     sums: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str) -> Callable:
@@ -271,17 +257,13 @@ def _input_norms(
         return hook
 
     handles = [m.register_forward_hook(hook_for(n), with_kwargs=True) for n, m in modules.items()]
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), calibration.eval_mode(model):
             for batch in tqdm(batches, desc="wanda calibration", disable=not progress):
-                model(input_ids=batch.to(device))
+                calibration.forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     missing = [name for name in modules if name not in sums]
     if missing:
         raise ValueError(f"these layers saw no input during the calib forward pass: {missing[:5]}")
@@ -563,18 +545,6 @@ def sparsify(
 # sensitivity
 
 
-_INDEX_RE = re.compile(r"^\d+$")
-
-
-def _block_prefix(name: str) -> str:
-    """``model.layers.3.mlp.up_proj`` -> ``model.layers.3``; names without an index are their own group."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if _INDEX_RE.match(part):
-            return ".".join(parts[: i + 1])
-    return name
-
-
 @dataclass
 class SensitivityResult:
     """``metrics[group][sparsity]`` = ``eval_fn`` with only that group sparsified; ``numels`` = its params."""
@@ -676,7 +646,7 @@ def sensitivity(
     groups: dict[str, list[str]] = {}
     if layers is None:
         for name in candidates:
-            groups.setdefault(_block_prefix(name), []).append(name)
+            groups.setdefault(calibration.layer_prefix(name) or name, []).append(name)
     else:
         for entry in [layers] if isinstance(layers, str) else list(layers):
             groups[entry] = list(_select(model, [entry], skip))
