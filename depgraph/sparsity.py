@@ -115,12 +115,41 @@ def is_masked(module: nn.Module) -> bool:
 
 
 def make_permanent(model: nn.Module) -> list[str]:
-    """``prune.remove`` every mask this module attached: zeros move into ``weight``; returns the names."""
+    """``prune.remove`` every mask this module attached: zeros move into ``weight``; returns the names.
+
+    A masked weight that is shared with another module (an ``lm_head`` tied to the input embedding) is
+    untied first: the masked model that was evaluated used the mask on this module only, so writing the
+    zeros into the shared tensor would zero the embedding too and change the logits. The model's config
+    then records ``tie_word_embeddings=False`` so that saving and reloading keeps the two apart.
+    """
     names = [name for name, module in model.named_modules() if is_masked(module)]
     modules = dict(model.named_modules())
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    untied = []
     for name in names:
-        prune.remove(modules[name], "weight")
+        module = modules[name]
+        orig = module.weight_orig
+        if uses.get(id(orig), 0) > 1:
+            module.weight_orig = nn.Parameter(orig.detach().clone(), requires_grad=orig.requires_grad)
+            untied.append(module)
+        prune.remove(module, "weight")
+    get_output = getattr(model, "get_output_embeddings", None)
+    if untied and callable(get_output) and get_output() in untied:
+        _untie_config(model)
     return names
+
+
+def _untie_config(model: nn.Module) -> None:
+    """Record in every config of ``model`` (and its text config) that the output embedding is its own."""
+    config = getattr(model, "config", None)
+    configs = [config] if config is not None else []
+    if config is not None and hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for c in configs:
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
 
 
 # --------------------------------------------------------------------------------------------------
