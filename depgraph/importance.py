@@ -55,6 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibration
+from .errors import DepGraphError
 from .groups import Group, GroupKind, Member
 
 try:  # transformers' GPT-2 style Conv1D stores its weight as [in, out]
@@ -81,20 +82,24 @@ class _Spec:
     fn: MemberFn
     collect: Callable[[ScoreContext], Any] | None
     needs_calib: bool
+    reads_weights: bool = True
 
 
 CRITERIA: dict[str, _Spec] = {}
 
 
-def criterion(name: str, *, collect: Callable[[ScoreContext], Any] | None = None, needs_calib: bool = False):
+def criterion(name: str, *, collect: Callable[[ScoreContext], Any] | None = None, needs_calib: bool = False,
+              reads_weights: bool = True):
     """Register ``fn(ctx, group, member) -> Tensor[group.size] | None`` as criterion ``name``.
 
     ``collect(ctx)`` (optional) runs once per scoring call before any member is scored; its result is
     ``ctx.stats[name]``. ``needs_calib``: the criterion reads calibration data (``ctx.calib``).
+    ``reads_weights=False``: the criterion never reads weight values, so it also scores a model on the
+    ``meta`` device (shape analysis); the others refuse such a model.
     """
 
     def wrap(fn: MemberFn) -> MemberFn:
-        CRITERIA[name] = _Spec(fn, collect, needs_calib)
+        CRITERIA[name] = _Spec(fn, collect, needs_calib, reads_weights)
         return fn
 
     return wrap
@@ -176,7 +181,7 @@ class ScoreContext:
 # ---- data-free criteria ---------------------------------------------------------------------------
 
 
-@criterion("random")
+@criterion("random", reads_weights=False)
 def _random(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor:
     cache = ctx.stats.setdefault("random", {})
     if id(group) not in cache:
@@ -508,6 +513,13 @@ def member_scores(graph, criterion: str = "l2", calib=None, groups=None, seed: i
     spec = CRITERIA[criterion]
     selected = _select_groups(graph, groups)
     _check_shapes(graph)
+    if spec.reads_weights and calibration.on_meta(graph.model):
+        free = sorted(n for n, s in CRITERIA.items() if not s.reads_weights)
+        raise DepGraphError(f"criterion {criterion!r} reads weight values, but {type(graph.model).__name__} is on "
+                            "the meta device (shapes only, no values)"
+                            + (" and calibration needs a real forward pass" if spec.needs_calib else "")
+                            + f". Load real weights, or for shape analysis use criterion={free[0]!r} "
+                            "or fixed scores {group: tensor}.")
     batches = None if calib is None else calibration.batches(calib, calibration.vocab_size(graph.model))
     ctx = ScoreContext(graph, selected, batches, seed, progress, loss_fn, dict(options))
     if spec.needs_calib and not ctx.calib:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import calibration
-from .errors import CalibrationError, TraceError
+from .errors import CalibrationError, TraceError, UnsupportedModelError
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -56,8 +56,34 @@ def default_inputs(model: nn.Module, batch: int = 2, seq_len: int = 8) -> tuple[
     return (ids.to(device),), kwargs
 
 
+def adapter_layers(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that carry peft adapters (LoRA and the other peft tuners)."""
+    peft = sys.modules.get("peft")  # a model cannot hold peft layers unless peft was imported
+    if peft is None:
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def refuse_adapters(model: nn.Module) -> None:
+    """Refuse a peft-wrapped model: its adapter ranks would be traced as prunable channels and the base
+    layers' sizes cut under peft's feet (stale ``intermediate_size``, stale LoRA ``r``)."""
+    wrapped = adapter_layers(model)
+    if wrapped:
+        shown = ", ".join(wrapped[:3]) + (f" and {len(wrapped) - 3} more" if len(wrapped) > 3 else "")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} carries peft adapters ({shown}): depgraph cannot prune through them "
+            "(the adapter ranks and peft's config would go stale). Merge them first "
+            "(model = model.merge_and_unload()) or prune the base model and attach the adapters afterwards."
+        )
+
+
 def normalise_inputs(model: nn.Module, example_inputs) -> tuple[tuple, dict[str, Any]]:
-    """Accept a tensor, a tuple/list of args, a dict of kwargs, or (args, kwargs)."""
+    """Accept a tensor, a tuple/list of args, a dict of kwargs, or (args, kwargs).
+
+    Refuses peft-wrapped models and example token ids the model cannot embed (before any tracing)."""
+    refuse_adapters(model)
     if example_inputs is None:
         return default_inputs(model)
     if isinstance(example_inputs, torch.Tensor):
