@@ -34,7 +34,6 @@ __all__ = [
     "layer_index",
     "layer_prefix",
     "no_cache_kwargs",
-    "on_meta",
     "restore_modes",
     "set_eval",
     "to_device",
@@ -138,11 +137,6 @@ def batches(calib: Any, vocab: int | None = None, ids_only: bool = False, what: 
             raise CalibrationError(f"{where}: a batch must be a token-id tensor or a dict of model inputs, got "
                                 f"{type(item).__name__}")
     return out
-
-
-def on_meta(model: nn.Module) -> bool:
-    """True when any parameter or buffer of ``model`` lives on the ``meta`` device (shapes, no values)."""
-    return any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from . import calibration
 from .errors import DepGraphError
 from .groups import Group, GroupKind, Member
+from .models import is_meta
 
 try:  # transformers' GPT-2 style Conv1D stores its weight as [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -513,7 +514,7 @@ def member_scores(graph, criterion: str = "l2", calib=None, groups=None, seed: i
     spec = CRITERIA[criterion]
     selected = _select_groups(graph, groups)
     _check_shapes(graph)
-    if spec.reads_weights and calibration.on_meta(graph.model):
+    if spec.reads_weights and is_meta(graph.model):
         free = sorted(n for n, s in CRITERIA.items() if not s.reads_weights)
         raise DepGraphError(f"criterion {criterion!r} reads weight values, but {type(graph.model).__name__} is on "
                             "the meta device (shapes only, no values)"
