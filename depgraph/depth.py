@@ -28,7 +28,8 @@ from . import calibration
 from .checkpoint import BASE_CONFIG_ATTR
 from .errors import DepGraphError, PruneError
 
-__all__ = ["RemovalReport", "block_importance", "find_blocks", "remove_layers", "remove_least_important"]
+__all__ = ["RemovalReport", "block_importance", "clean_ids", "find_blocks", "owner_config", "remove_layers",
+           "remove_least_important"]
 
 METRICS = ("cosine", "angular")
 # config attributes that count the blocks (GPT-2 style names are aliases through attribute_map)
