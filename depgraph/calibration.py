@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CalibrationError
+from .errors import CalibrationError, DepGraphError
 
 __all__ = [
     "batches",
@@ -34,6 +34,7 @@ __all__ = [
     "layer_index",
     "layer_prefix",
     "no_cache_kwargs",
+    "require_values",
     "restore_modes",
     "set_eval",
     "to_device",
@@ -137,6 +138,15 @@ def batches(calib: Any, vocab: int | None = None, ids_only: bool = False, what: 
             raise CalibrationError(f"{where}: a batch must be a token-id tensor or a dict of model inputs, got "
                                 f"{type(item).__name__}")
     return out
+
+
+def require_values(model: nn.Module, what: str) -> None:
+    """Refuse a model whose weights live on the ``meta`` device (shapes, no values) for ``what``, a step
+    that reads weights or runs a forward pass, before it fails inside torch."""
+    if any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
+        raise DepGraphError(f"{what} needs real weights, but {type(model).__name__} is on the meta device "
+                            "(shapes only): load the weights first (meta models can be traced, planned and "
+                            "cut, and scored with criterion='random')")
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

@@ -160,6 +160,7 @@ def block_importance(model: nn.Module, calib, metric: str = "cosine", progress: 
     if metric not in METRICS:
         raise ValueError(f"unknown block importance metric {metric!r}; choose one of {METRICS}")
     _, blocks = find_blocks(model, path)
+    calibration.require_values(model, "block_importance")
     batches = calibration.batches(calib, calibration.vocab_size(model), ids_only=True)
     meter = _CosineMeter(len(blocks), angular=metric == "angular")
     handles = []

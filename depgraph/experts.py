@@ -325,6 +325,7 @@ def expert_importance(model: nn.Module, calib, sets: Iterable[ExpertSet] | None 
     if not sets:
         raise DepGraphError(f"{type(model).__name__} has no MoE block that find_experts understands")
     meters = [_RouteMeter(s) for s in sets]
+    calibration.require_values(model, "expert_importance")
     batches = calibration.batches(calib, calibration.vocab_size(model), ids_only=True)
     handles = []
     try:

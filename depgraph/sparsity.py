@@ -520,6 +520,7 @@ def sparsify(
     nm = _parse_pattern(pattern)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    calibration.require_values(model, "sparsify")
     if scope not in _SCOPES:
         raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
     targets = _select(model, layers, skip)
@@ -668,6 +669,7 @@ def sensitivity(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    calibration.require_values(model, "sensitivity")
     sweep = tuple(sorted({_check_fraction(s, "each of sparsities") for s in sparsities}))
     if not sweep:
         raise ValueError("sparsities is empty")

@@ -62,3 +62,14 @@ def test_peft_wrapped_model_is_refused_at_trace_time_unchanged(wrap_root):
     merged = wrapped.merge_and_unload()  # the suggested fix works
     graph = depgraph.trace(merged)
     assert [g.kind.name for g in graph.groups()].count("A") == 2
+
+
+def test_weight_reading_steps_refuse_a_meta_model_by_name():
+    model = tiny_model("llama", device="meta")
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(DepGraphError, match="block_importance needs real weights.*meta device"):
+        depgraph.block_importance(model, ids, progress=False)
+    with pytest.raises(DepGraphError, match="sparsify needs real weights.*meta device"):
+        depgraph.sparsify(model, "magnitude", 0.5, progress=False)
+    with pytest.raises(DepGraphError, match="sensitivity needs real weights"):
+        depgraph.sensitivity(model, lambda m: 0.0, progress=False)
