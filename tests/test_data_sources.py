@@ -103,3 +103,15 @@ def test_text_without_a_tokenizer_names_the_option(tmp_path: Path):
         texts(Path(tmp_path / "nope.txt"))
     with pytest.raises(CalibrationError, match="unsupported data source type"):
         id_streams(3.5)
+
+
+def test_perplexity_reads_the_same_sources(tmp_path):
+    from depgraph.evaluate import perplexity
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=259)).eval()
+    ByteTokenizer().save_pretrained(tmp_path)
+    joined = perplexity(model, "\n\n".join(DOCS), ByteTokenizer(), context_length=16, progress=False)
+    listed = perplexity(model, DOCS, str(tmp_path), context_length=16, progress=False)  # tokenizer from a dir
+    assert listed.nll == joined.nll and listed.tokens == joined.tokens
