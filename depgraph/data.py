@@ -35,6 +35,7 @@ __all__ = [
     "id_streams",
     "read_text",
     "resolve_tokenizer",
+    "tokenizer_from_directory",
     "texts",
     "tokenize_text",
 ]
@@ -42,6 +43,8 @@ __all__ = [
 logger = logging.getLogger("depgraph")
 
 DATA_DIR_ENV = "DEPGRAPH_DATA_DIR"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 _SPLITS = ("valid", "test")
 # A str shorter than this without a newline is tried as a file name before being taken as text.
 _MAX_PATH_CHARS = 4096
@@ -139,7 +142,7 @@ class ByteTokenizer:
         """Write ``byte_tokenizer.json`` into ``directory`` (created if needed)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "byte_tokenizer.json"
+        path = directory / BYTE_TOKENIZER_FILE
         spec = {
             "type": "ByteTokenizer",
             "vocab_size": self.vocab_size,
@@ -151,7 +154,7 @@ class ByteTokenizer:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> ByteTokenizer:
         """Load what :meth:`save_pretrained` wrote, checking it describes this tokenizer."""
-        path = Path(directory) / "byte_tokenizer.json"
+        path = Path(directory) / BYTE_TOKENIZER_FILE
         spec = json.loads(path.read_text())
         tok = cls()
         if spec.get("type") != "ByteTokenizer" or spec.get("special_tokens") != list(cls.SPECIAL_TOKENS):
@@ -179,22 +182,37 @@ def _looks_like_file(source: str) -> bool:
     return len(source) < _MAX_PATH_CHARS and "\n" not in source and os.path.isfile(source)
 
 
+def tokenizer_from_directory(directory: str | os.PathLike[str]) -> Any | None:
+    """The tokenizer saved in ``directory``: :class:`ByteTokenizer` (``byte_tokenizer.json``), else its
+    ``AutoTokenizer`` (local files only); None when the directory holds no tokenizer files."""
+    directory = Path(directory)
+    if (directory / BYTE_TOKENIZER_FILE).is_file():
+        return ByteTokenizer.from_pretrained(directory)
+    if any((directory / name).is_file() for name in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CalibrationError(f"cannot load the tokenizer in {directory}: {first}") from exc
+    return None
+
+
 def resolve_tokenizer(tokenizer: Any) -> Any:
-    """A tokenizer object as given, or the one stored in a model directory (``str``/``Path``): its
-    ``AutoTokenizer`` (local files only) or the demo models' :class:`ByteTokenizer`."""
+    """A tokenizer object as given, or the one saved in a directory (``str``/``Path``: a model's or a
+    tokenizer's own): see :func:`tokenizer_from_directory`."""
     if not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    from .models import load_tokenizer  # models resolves directories and owns tokenizer loading
-
     directory = Path(tokenizer).expanduser()
     if not directory.is_dir():
         raise CalibrationError(f"tokenizer={str(tokenizer)!r} is not a directory: pass a model directory that "
                                "holds tokenizer files, or a tokenizer object")
-    loaded = load_tokenizer(str(directory))
+    loaded = tokenizer_from_directory(directory)
     if loaded is None:
-        raise CalibrationError(f"{directory} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
-                               "tokenizer.model, vocab.json or byte_tokenizer.json): pass tokenizer= the "
-                               "directory of the model's original checkpoint, or a tokenizer object")
+        raise CalibrationError(f"{directory} holds no tokenizer files ({', '.join(TOKENIZER_FILES)} or "
+                               f"{BYTE_TOKENIZER_FILE}): pass tokenizer= the directory of the model's original "
+                               "checkpoint, or a tokenizer object")
     return loaded
 
 
