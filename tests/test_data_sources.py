@@ -115,3 +115,23 @@ def test_perplexity_reads_the_same_sources(tmp_path):
     joined = perplexity(model, "\n\n".join(DOCS), ByteTokenizer(), context_length=16, progress=False)
     listed = perplexity(model, DOCS, str(tmp_path), context_length=16, progress=False)  # tokenizer from a dir
     assert listed.nll == joined.nll and listed.tokens == joined.tokens
+
+
+def test_hf_tokenizer_from_a_model_directory_is_used_and_named(tmp_path, caplog):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for d in DOCS for w in d.replace(",", " ").replace(".", " ").split()})
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(tmp_path)
+    tok = resolve_tokenizer(tmp_path)
+    assert not isinstance(tok, ByteTokenizer) and str(tmp_path) in describe_tokenizer(tok)
+    logging.getLogger("depgraph").propagate = True
+    with caplog.at_level(logging.INFO, logger="depgraph"):
+        (stream,) = id_streams(DOCS, str(tmp_path))
+    assert str(tmp_path) in caplog.text
+    assert torch.equal(stream, torch.tensor(tok("\n\n".join(DOCS))["input_ids"]))
+    with pytest.raises(CalibrationError, match=r"token id .* is out of range"):
+        calibration_batches(DOCS, tokenizer=tok, n_samples=1, seq_len=4, vocab_size=5)  # not the model's own
