@@ -61,3 +61,23 @@ def test_cut_optimizer_state_refuses_a_second_cut_and_changes_nothing():
         assert all(torch.equal(v, before[id(p)][k]) for k, v in s.items())
     with pytest.raises(DepGraphError, match="PruneReport"):
         cut_optimizer_state(opt, model, {"not": "a report"})
+
+
+def test_a_multi_step_pruner_report_is_applied_step_by_step():
+    model = tiny_model("llama")
+    ids = example_ids(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train_step(model, opt, ids)
+    up = model.model.layers[0].mlp.up_proj.weight
+    before = opt.state[up]["exp_avg"].clone()
+    pruner = depgraph.Pruner(model, criterion="l2", ratio=0.5, structure="block", steps=2, progress=False)
+    report = pruner.prune()
+    assert len(report.steps) == 2
+    cut_optimizer_state(opt, model, report)
+    first, second = (r.kept["model.layers.0.mlp.up_proj.weight"][0] for r in report.steps)
+    want = before[torch.as_tensor(first)][torch.as_tensor(second)]
+    assert torch.equal(opt.state[up]["exp_avg"], want) and want.shape == up.shape
+    _train_step(model, opt, ids)
+    summary = depgraph.PruneReport(1, 1, shapes={"model.layers.0.mlp.up_proj.weight": ((1, 1), (1, 1))})
+    with pytest.raises(DepGraphError, match="no kept indices"):  # a summary without indices is refused
+        cut_optimizer_state(opt, model, summary)
