@@ -29,6 +29,11 @@ from depgraph.data import ByteTokenizer, default_text_path, read_text
 from depgraph.evaluate import perplexity
 
 CACHE_ENV = "DEPGRAPH_CACHE"
+# The library has no default data folder: the benchmarks use the WikiText-2 copy beside the repository
+# unless DEPGRAPH_DATA_DIR names another one.
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+if "DEPGRAPH_DATA_DIR" not in os.environ and _SHARED_DATA.is_dir():
+    os.environ["DEPGRAPH_DATA_DIR"] = str(_SHARED_DATA)
 SEQ_LEN = 128
 _CACHE_VERSION = 1  # bump when the training recipe changes in a way the key below does not capture
 

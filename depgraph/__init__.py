@@ -9,7 +9,7 @@
 from .checkpoint import load_pretrained, save_pretrained
 from .cut import PruneReport, prune, validate_plan, zero_mask
 from .depth import RemovalReport, block_importance, find_blocks, remove_layers, remove_least_important
-from .errors import DepGraphError, PruneError, TraceError, UnsupportedModelError
+from .errors import CalibrationError, DepGraphError, PruneError, TraceError, UnsupportedModelError
 from .experts import (
     ExpertRemovalReport,
     ExpertSet,
@@ -21,20 +21,23 @@ from .experts import (
 from .graph import DependencyGraph, trace
 from .groups import Group, GroupKind, Member
 from .importance import criterion, member_scores, score
+from .optim import cut_optimizer_state
 from .pruner import Pruner, TargetReport, simulate_params
 from .sparsity import check_n_m, make_permanent, sensitivity, sparsify, storage_report
 from .transaction import EditReport, Transaction, count_parameters
 
 __version__ = "0.1.0"
 
-from . import depth, experts, importance, pruner  # noqa: E402  (submodules as namespaces)
+from . import calibration, data, depth, experts, importance, optim, pruner  # noqa: E402  (submodules as namespaces)
 
 __all__ = [
     "RemovalReport", "block_importance", "depth", "find_blocks", "remove_layers", "remove_least_important",
     "ExpertRemovalReport", "ExpertSet", "expert_importance", "experts", "find_experts", "remove_experts",
     "remove_least_important_experts",
     "Pruner", "TargetReport", "criterion", "importance", "member_scores", "pruner", "score", "simulate_params",
-    "DepGraphError", "DependencyGraph", "EditReport", "Transaction", "Group", "GroupKind", "Member", "PruneError", "PruneReport",
+    "CalibrationError", "calibration", "cut_optimizer_state", "data", "optim",
+    "DepGraphError", "DependencyGraph", "EditReport", "Transaction", "Group", "GroupKind", "Member", "PruneError",
+    "PruneReport",
     "TraceError", "UnsupportedModelError", "check_n_m", "count_parameters", "load_pretrained",
     "make_permanent", "prune", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",
     "validate_plan", "zero_mask",

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import importance
+from .calibration import vocab_size
 from .errors import DepGraphError
 from .models import (
     DEFAULT_DEMO,
@@ -192,14 +193,6 @@ def _trace(model: nn.Module):
     return trace(model)
 
 
-def _vocab_size(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "vocab_size", None)
-
-
 def _max_positions(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     if config is None:
@@ -212,39 +205,51 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def _text_ids(text: str, tokenizer: Any, model: nn.Module) -> tuple[torch.Tensor, str]:
-    """Token ids of ``text`` for ``model``: its own tokenizer, else bytes modulo the vocabulary."""
-    from .data import ByteTokenizer, tokenize_text
+def _tokenizer(spec: ResolvedSpec, directory: Path | None, model: nn.Module) -> Any:
+    """The tokenizer text is read with: ``--tokenizer DIR``, else the model directory's own, else the
+    byte tokenizer of a byte-vocabulary (demo) model; otherwise a CLIError naming ``--tokenizer``."""
+    from .data import ByteTokenizer, resolve_tokenizer
 
-    if tokenizer is not None:
-        return tokenize_text(text, tokenizer), f"tokenizer {type(tokenizer).__name__}"
-    ids = tokenize_text(text, ByteTokenizer())
-    vocab = _vocab_size(model)
-    if vocab is not None and vocab < ByteTokenizer().vocab_size:
-        return ids % vocab, f"ByteTokenizer (ids mod {vocab})"
-    return ids, "ByteTokenizer"
+    if directory is not None:
+        return resolve_tokenizer(directory)
+    own = load_tokenizer(spec)
+    if own is not None:
+        return own
+    if vocab_size(model) == ByteTokenizer().vocab_size:
+        return ByteTokenizer()
+    raise CLIError(f"{spec.spec} comes with no tokenizer files, so text cannot be tokenized for it: pass "
+                   "--tokenizer DIR (the original model's directory)")
+
+
+def _text_ids(text: str, tokenizer: Any) -> tuple[torch.Tensor, str]:
+    """Token ids of ``text`` with ``tokenizer`` and which tokenizer that was."""
+    from .data import describe_tokenizer, tokenize_text
+
+    return tokenize_text(text, tokenizer), f"tokenizer {describe_tokenizer(tokenizer)}"
 
 
 def _calibration(model: nn.Module, tokenizer: Any, source: Path | None, n_samples: int, seq_len: int,
-                 seed: int) -> tuple[list[torch.Tensor], str]:
-    """``n_samples`` windows of ``seq_len`` tokens from ``source``, else WikiText-2 valid, else random ids."""
-    from .data import calibration_batches, default_text_path, read_text
+                 seed: int, demo: bool = False) -> tuple[list[torch.Tensor], str]:
+    """``n_samples`` windows of ``seq_len`` tokens from ``source``, else WikiText-2 valid in
+    ``$DEPGRAPH_DATA_DIR``; else a CLIError naming ``--calib`` (the demo says it uses random ids)."""
+    from .data import DATA_DIR_ENV, calibration_batches, default_text_path, read_text
 
-    vocab = _vocab_size(model)
+    vocab = vocab_size(model)
     limit = _max_positions(model)
     if limit is not None and seq_len > limit:
         seq_len = limit
     if source is None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             source = default_text_path("valid")
-    if source is None:
-        if vocab is None:
-            raise CLIError("the model has no config.vocab_size: pass --calib FILE with text for calibration")
-        gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, vocab, (n_samples, seq_len), generator=gen)
-        about = f"{n_samples} random windows x {seq_len} tokens (WikiText-2 not found)"
-        return [row[None] for row in ids], about
-    ids, how = _text_ids(read_text(source), tokenizer, model)
+        except FileNotFoundError as exc:
+            if not demo or vocab is None:
+                raise CLIError(f"no calibration text: pass --calib FILE ({_one_line(str(exc))})") from exc
+            gen = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, vocab, (n_samples, seq_len), generator=gen)
+            about = (f"{n_samples} RANDOM token windows x {seq_len} (demo only: no WikiText-2, set "
+                     f"{DATA_DIR_ENV} to calibrate on text)")
+            return [row[None] for row in ids], about
+    ids, how = _text_ids(read_text(source), tokenizer)
     try:
         batches = calibration_batches(ids, n_samples=n_samples, seq_len=seq_len, seed=seed, vocab_size=vocab)
     except ValueError as exc:
@@ -359,12 +364,12 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     with console.stages("prune", ["load", "trace", "calibration", "score and cut", "save"]) as stage:
         stage("load")
         model = _load(spec, need_weights=True)
-        tokenizer = load_tokenizer(spec)
         stage("trace")
         graph = _trace(model)
         stage("calibration")
         calib, calib_about = None, None
         if needs_calib:
+            tokenizer = _tokenizer(spec, args.tokenizer, model)
             calib, calib_about = _calibration(model, tokenizer, args.calib, args.calib_samples, args.seq_len,
                                               args.seed)
         stage("score and cut")
@@ -481,7 +486,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         if limit is not None and args.context_length > limit:
             raise CLIError(f"--context-length {args.context_length} exceeds the model's {limit} positions")
         stage("tokenize")
-        ids, how = _text_ids(read_text(source), load_tokenizer(spec), model)
+        ids, how = _text_ids(read_text(source), _tokenizer(spec, args.tokenizer, model))
         stage("perplexity")
         try:
             result = perplexity(model, ids, context_length=args.context_length, max_tokens=args.max_tokens,
@@ -544,8 +549,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
                            right={2, 3, 4}))
 
         stage("score")
-        tokenizer = load_tokenizer(spec)
-        calib, about = _calibration(model, tokenizer, None, args.samples, args.seq_len, seed=0)
+        tokenizer = _tokenizer(spec, None, model)
+        calib, about = _calibration(model, tokenizer, None, args.samples, args.seq_len, seed=0, demo=True)
         console.header("3. score: l2 (weights) and taylor_first (|g*W|, calibration loss)")
         console.say(f"calibration: {about}")
         l2 = importance.score(graph, "l2", progress=False)
@@ -601,7 +606,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         console.header("6. save and reload")
         model_dir = out / "model"
         state = _save(model, model_dir)
-        vocab = _vocab_size(model)
+        vocab = vocab_size(model)
         if tokenizer is None and vocab is not None and vocab >= ByteTokenizer().vocab_size:
             tokenizer = ByteTokenizer()  # so that `depgraph eval` on the saved model uses the same ids
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
@@ -698,7 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     number(p, "--round-to", 1, None, "keep multiples of N units per group")
     number(p, "--steps", 1, 1, "reach the ratio in N re-scored cuts (default 1)")
     p.add_argument("--calib", type=_existing_file, default=None, metavar="FILE",
-                   help="calibration text file (default: WikiText-2 valid, else random ids)")
+                   help="calibration text file (default: valid.txt in $DEPGRAPH_DATA_DIR)")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                   help="directory whose tokenizer reads the text (default: the model's own)")
     number(p, "--calib-samples", 1, 8, "calibration windows (default 8)")
     number(p, "--seq-len", 2, 128, "tokens per calibration window (default 128)", metavar="L")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of calibration and random scores")
@@ -720,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     number(p, "--context-length", 2, 128, "tokens per window (default 128)", metavar="L")
     number(p, "--max-tokens", 2, None, "score only the first N tokens")
     number(p, "--batch-size", 1, 8, "windows per forward pass (default 8)")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                   help="directory whose tokenizer reads the text (default: the model's own)")
 
     p = command("demo", "trace, group, score, prune, verify, save and render a tiny model", cmd_demo)
     p.add_argument("--out", default=os.path.join("out", "demo"), metavar="DIR",

@@ -36,9 +36,13 @@ class PruneReport(EditReport):
     units_removed: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     edits: list[tuple[str, str, object, object]] = field(default_factory=list)
+    # parameter -> {dim: indices kept along it} (old positions, sorted), e.g. for cut_optimizer_state
+    kept: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    verified: bool = True  # False: no forward check ran (verify=False, or meta weights have no values)
 
     def describe(self) -> str:
-        return f"pruned {sum(self.units_removed.values())} units in {len(self.units_removed)} groups"
+        return (f"pruned {sum(self.units_removed.values())} units in {len(self.units_removed)} groups"
+                + ("" if self.verified else " (shapes only, not verified by a forward pass)"))
 
 
 def validate_plan(graph, plan: Plan) -> dict[Group, np.ndarray]:
@@ -127,6 +131,8 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
     before = count_parameters(model)
     if not checked:
         return PruneReport(before, before)
+    # meta weights have no values: a forward "check" would verify nothing, so it is skipped and reported
+    verify = verify and not any(t.device.type == "meta" for t in tensors.values())
 
     # 1. indices to remove along every parameter dim
     remove: dict[tuple[str, int], set[int]] = defaultdict(set)
@@ -212,7 +218,9 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
         raise PruneError(f"the cut could not be applied ({type(failure).__name__}: {str(failure)[:300]}); "
                          "the model was left unchanged") from failure
 
-    report = PruneReport(before, count_parameters(model))
+    report = PruneReport(before, count_parameters(model), verified=verify)
+    for (param, dim), keep in keep_masks.items():
+        report.kept.setdefault(param, {})[dim] = np.flatnonzero(keep)
     report.units_removed = {g.name: int(u.size) for g, u in checked.items()}
     report.shapes = {p: (tuple(graph.param_shapes[p]), s) for p, s in new_shapes.items()}
     names = {id(m): n for n, m in model.named_modules()}

@@ -1,18 +1,29 @@
-"""Text -> token-id batches: the calibration data that scoring and pruning run on.
+"""Text -> token-id batches: the calibration and evaluation data that scoring, pruning and perplexity use.
 
-Everything here is offline: the text comes from the WikiText-2 copy in the shared data folder (or from
-the caller), and :class:`ByteTokenizer` needs no vocabulary download.
+Sources (:func:`texts`, :func:`id_streams`): a text file, a string of text, a list of strings, a 🤗
+``datasets.Dataset`` (its ``text`` column), a ``load_dataset`` spec (a dict with ``path``, ``split`` and
+optionally ``name`` / ``text_column``; needs the optional ``datasets`` package), or token-id tensors.
+Text is tokenized with the tokenizer the caller passes: a tokenizer object, or a model directory whose own
+tokenizer is loaded (``AutoTokenizer``, or the demo models' :class:`ByteTokenizer`); which one was used is
+logged and returned by :func:`describe_tokenizer`. Nothing falls back silently: text without a tokenizer,
+or no source without ``$DEPGRAPH_DATA_DIR``, is a :class:`~depgraph.errors.CalibrationError` naming what
+to pass. Everything here is offline.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .calibration import check_ids
+from .errors import CalibrationError, DataNotFoundError
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -20,36 +31,51 @@ __all__ = [
     "calibration_batches",
     "data_dir",
     "default_text_path",
+    "describe_tokenizer",
     "id_streams",
     "read_text",
+    "resolve_tokenizer",
+    "tokenizer_from_directory",
+    "texts",
     "tokenize_text",
 ]
 
+logger = logging.getLogger("depgraph")
+
 DATA_DIR_ENV = "DEPGRAPH_DATA_DIR"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 _SPLITS = ("valid", "test")
 # A str shorter than this without a newline is tried as a file name before being taken as text.
 _MAX_PATH_CHARS = 4096
 
 
 def data_dir() -> Path:
-    """The WikiText-2 folder: ``$DEPGRAPH_DATA_DIR`` if set, else ``<repo>/../shared/data/wikitext-2``."""
+    """The folder holding WikiText-2 ``valid.txt`` / ``test.txt``: ``$DEPGRAPH_DATA_DIR``.
+
+    There is no default (an installed package has no data folder beside it): without the variable this
+    raises :class:`DataNotFoundError` (a ``FileNotFoundError``) saying to set it or to pass data explicitly.
+    """
     env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[1]
-    return repo_root.parent / "shared" / "data" / "wikitext-2"
+    if not env:
+        raise DataNotFoundError(
+            f"no data folder: set the {DATA_DIR_ENV} environment variable to the folder holding WikiText-2 "
+            "valid.txt/test.txt, or pass the data explicitly (a text file, a list of strings, a datasets "
+            "Dataset or token ids)"
+        )
+    return Path(env).expanduser()
 
 
 def default_text_path(split: str = "valid") -> Path:
-    """Path of WikiText-2 ``valid.txt`` (calibration) or ``test.txt`` (perplexity).
+    """Path of WikiText-2 ``valid.txt`` (calibration) or ``test.txt`` (perplexity) in :func:`data_dir`.
 
-    Raises ``FileNotFoundError`` naming the path looked at and the env var that overrides the folder.
+    Raises :class:`DataNotFoundError` (a ``FileNotFoundError``) naming the path looked at and the env var.
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     path = data_dir() / f"{split}.txt"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"WikiText-2 {split} split not found at {path}. Put valid.txt/test.txt there or point "
             f"the {DATA_DIR_ENV} environment variable at the folder that holds them."
         )
@@ -116,7 +142,7 @@ class ByteTokenizer:
         """Write ``byte_tokenizer.json`` into ``directory`` (created if needed)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "byte_tokenizer.json"
+        path = directory / BYTE_TOKENIZER_FILE
         spec = {
             "type": "ByteTokenizer",
             "vocab_size": self.vocab_size,
@@ -128,7 +154,7 @@ class ByteTokenizer:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> ByteTokenizer:
         """Load what :meth:`save_pretrained` wrote, checking it describes this tokenizer."""
-        path = Path(directory) / "byte_tokenizer.json"
+        path = Path(directory) / BYTE_TOKENIZER_FILE
         spec = json.loads(path.read_text())
         tok = cls()
         if spec.get("type") != "ByteTokenizer" or spec.get("special_tokens") != list(cls.SPECIAL_TOKENS):
@@ -156,34 +182,129 @@ def _looks_like_file(source: str) -> bool:
     return len(source) < _MAX_PATH_CHARS and "\n" not in source and os.path.isfile(source)
 
 
-def id_streams(source: Any = None, tokenizer: Any = None) -> list[torch.Tensor]:
+def tokenizer_from_directory(directory: str | os.PathLike[str]) -> Any | None:
+    """The tokenizer saved in ``directory``: :class:`ByteTokenizer` (``byte_tokenizer.json``), else its
+    ``AutoTokenizer`` (local files only); None when the directory holds no tokenizer files."""
+    directory = Path(directory)
+    if (directory / BYTE_TOKENIZER_FILE).is_file():
+        return ByteTokenizer.from_pretrained(directory)
+    if any((directory / name).is_file() for name in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CalibrationError(f"cannot load the tokenizer in {directory}: {first}") from exc
+    return None
+
+
+def resolve_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object as given, or the one saved in a directory (``str``/``Path``: a model's or a
+    tokenizer's own): see :func:`tokenizer_from_directory`."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    directory = Path(tokenizer).expanduser()
+    if not directory.is_dir():
+        raise CalibrationError(f"tokenizer={str(tokenizer)!r} is not a directory: pass a model directory that "
+                               "holds tokenizer files, or a tokenizer object")
+    loaded = tokenizer_from_directory(directory)
+    if loaded is None:
+        raise CalibrationError(f"{directory} holds no tokenizer files ({', '.join(TOKENIZER_FILES)} or "
+                               f"{BYTE_TOKENIZER_FILE}): pass tokenizer= the directory of the model's original "
+                               "checkpoint, or a tokenizer object")
+    return loaded
+
+
+def describe_tokenizer(tokenizer: Any) -> str:
+    """Which tokenizer this is, for logs and reports: its class and where it was loaded from."""
+    where = getattr(tokenizer, "name_or_path", None)
+    return type(tokenizer).__name__ + (f" from {where}" if where else "")
+
+
+def _is_dataset(source: Any) -> bool:
+    datasets = sys.modules.get("datasets")  # a Dataset cannot exist unless datasets was imported
+    return datasets is not None and isinstance(source, (datasets.Dataset, datasets.IterableDataset))
+
+
+def _dataset_texts(dataset: Any, text_column: str) -> list[str]:
+    columns = list(getattr(dataset, "column_names", None) or [])
+    if text_column not in columns:
+        raise CalibrationError(f"the dataset has no column {text_column!r} (columns: {columns}): pass "
+                               "text_column= naming the one that holds the text")
+    return [row[text_column] for row in dataset if isinstance(row[text_column], str)]
+
+
+def _load_dataset_spec(spec: Mapping[str, Any]) -> tuple[Any, str]:
+    """``{"path": ..., "split": ..., "name": ..., "text_column": ..., **load_dataset kwargs}`` -> rows."""
+    spec = dict(spec)
+    if "path" not in spec or "split" not in spec:
+        raise CalibrationError(f"a load_dataset spec needs 'path' and 'split' (and optionally 'name', "
+                               f"'text_column', other load_dataset keywords), got keys {sorted(spec)}")
+    text_column = spec.pop("text_column", "text")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise CalibrationError("a load_dataset spec needs the optional 'datasets' package: pip install "
+                               "'depgraph[data]' (or pass a text file, a list of strings or token ids)") from exc
+    return datasets.load_dataset(**spec), text_column
+
+
+def texts(source: Any, text_column: str = "text") -> list[str] | None:
+    """The text in ``source`` as a list of documents, or None when ``source`` holds token ids.
+
+    ``source``: a ``Path`` or the name of an existing file (its text), another ``str`` (the text itself),
+    a list/tuple of strings, a ``datasets.Dataset`` (column ``text_column``), or a ``load_dataset`` spec
+    dict (``path``, ``split``, optional ``name`` / ``text_column``).
+    """
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and _looks_like_file(source)):
+        path = Path(source)
+        if not path.is_file():
+            raise DataNotFoundError(f"no such text file: {path}")
+        return [read_text(path)]
+    if isinstance(source, str):
+        return [source]
+    if isinstance(source, Mapping) and "path" in source:
+        dataset, text_column = _load_dataset_spec(source)
+        return _dataset_texts(dataset, text_column)
+    if _is_dataset(source):
+        return _dataset_texts(source, text_column)
+    if isinstance(source, (list, tuple)) and source and all(isinstance(x, str) for x in source):
+        return list(source)
+    return None
+
+
+def id_streams(source: Any = None, tokenizer: Any = None, text_column: str = "text") -> list[torch.Tensor]:
     """Normalise any supported source into a list of 1-D LongTensor token streams.
 
-    ``source``: None (WikiText-2 valid), a ``Path`` or the name of an existing file, a string of text,
-    a LongTensor ``[L]`` (one stream) or ``[N, L]`` (N streams), or a list of id tensors / id lists.
-    Text needs ``tokenizer``; ids pass through untouched.
+    ``source``: anything :func:`texts` accepts (documents are joined with a blank line into one stream,
+    the usual calibration recipe), a LongTensor ``[L]`` (one stream) or ``[N, L]`` (N streams), a list of
+    id tensors / id lists, or None: WikiText-2 ``valid.txt`` in ``$DEPGRAPH_DATA_DIR``. Text needs
+    ``tokenizer`` (an object, or a model directory whose own tokenizer is loaded); ids pass through.
     """
     if source is None:
         source = default_text_path("valid")
-    if isinstance(source, (str, os.PathLike)):
-        text = read_text(source) if isinstance(source, os.PathLike) or _looks_like_file(source) else source
+    docs = texts(source, text_column)
+    if docs is not None:
         if tokenizer is None:
-            raise ValueError(
-                "text input needs a tokenizer: pass tokenizer=... (an HF tokenizer or "
-                "depgraph.data.ByteTokenizer) "
-                "or pass token ids (a LongTensor or a list of them) instead of text"
+            raise CalibrationError(
+                "text input needs a tokenizer: pass tokenizer= the model directory (its own tokenizer is "
+                "loaded), an HF tokenizer, or depgraph.data.ByteTokenizer() for the byte-vocabulary demo "
+                "models; or pass token ids (a LongTensor or a list of them) instead of text"
             )
-        return [tokenize_text(text, tokenizer)]
+        tokenizer = resolve_tokenizer(tokenizer)
+        logger.info("tokenizing %d document(s) with %s", len(docs), describe_tokenizer(tokenizer))
+        return [tokenize_text("\n\n".join(docs), tokenizer)]
     if isinstance(source, torch.Tensor):
         if source.dim() == 1:
             streams = [source]
         elif source.dim() == 2:
             streams = list(source.unbind(0))
         else:
-            raise ValueError(f"token-id tensor must be [L] or [N, L], got shape {tuple(source.shape)}")
+            raise CalibrationError(f"token-id tensor must be [L] or [N, L], got shape {tuple(source.shape)}")
     elif isinstance(source, (list, tuple)):
         if not source:
-            raise ValueError("empty list of token ids")
+            raise CalibrationError("empty list of token ids")
         if all(isinstance(x, int) for x in source):  # a single flat list of ids
             source = [source]
         streams = []
@@ -192,30 +313,18 @@ def id_streams(source: Any = None, tokenizer: Any = None) -> list[torch.Tensor]:
             if t.dim() == 2 and t.shape[0] == 1:  # a [1, L] batch as returned by tokenizers
                 t = t[0]
             if t.dim() != 1:
-                raise ValueError(
+                raise CalibrationError(
                     f"each list item must be [L] or [1, L] token ids, got shape {tuple(t.shape)}"
                 )
             streams.append(t)
     else:
-        raise TypeError(f"unsupported source type {type(source).__name__}")
+        raise CalibrationError(f"unsupported data source type {type(source).__name__}: pass a text file, a "
+                               "string, a list of strings, a datasets.Dataset, a load_dataset spec dict or "
+                               "token ids")
     for t in streams:
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"token ids must be an integer tensor, got dtype {t.dtype}")
+            raise CalibrationError(f"token ids must be an integer tensor, got dtype {t.dtype}")
     return [t.to(torch.long).cpu() for t in streams]
-
-
-def _check_vocab(streams: list[torch.Tensor], vocab_size: int | None) -> None:
-    lo = min(int(t.min()) for t in streams if t.numel())
-    if lo < 0:
-        raise ValueError(f"token ids must be non-negative, found {lo}")
-    if vocab_size is not None:
-        hi = max(int(t.max()) for t in streams if t.numel())
-        if hi >= vocab_size:
-            raise ValueError(
-                f"token id {hi} is out of range for vocab_size {vocab_size} "
-                f"(max allowed id {vocab_size - 1}); "
-                "is the tokenizer the model's own?"
-            )
 
 
 def calibration_batches(
@@ -226,6 +335,7 @@ def calibration_batches(
     seed: int = 0,
     vocab_size: int | None = None,
     batch_size: int = 1,
+    text_column: str = "text",
 ) -> list[torch.LongTensor]:
     """Deterministic random windows of ``seq_len`` tokens drawn from ``source``.
 
@@ -235,24 +345,27 @@ def calibration_batches(
     ``[batch_size, seq_len]`` (the last one smaller if ``batch_size`` does not divide ``n_samples``);
     with the default ``batch_size=1`` that is ``n_samples`` tensors of shape ``[1, seq_len]``.
 
-    ``source`` is anything :func:`id_streams` accepts. When ``vocab_size`` is given, every id is
-    checked against it so a tokenizer/model mismatch fails here rather than as an index error later.
+    ``source`` is anything :func:`id_streams` accepts (``text_column`` names a Dataset's text column).
+    Every id is checked to be non-negative and, when ``vocab_size`` is given, below it, so a
+    tokenizer/model mismatch fails here rather than as an index error later.
     """
     if n_samples < 1 or seq_len < 1 or batch_size < 1:
-        raise ValueError(
+        raise CalibrationError(
             f"n_samples, seq_len and batch_size must be >= 1, got {n_samples}, {seq_len}, {batch_size}"
         )
-    streams = id_streams(source, tokenizer)
+    streams = id_streams(source, tokenizer, text_column)
     if all(t.numel() == 0 for t in streams):
-        raise ValueError("source contains no tokens")
-    _check_vocab(streams, vocab_size)
+        raise CalibrationError("source contains no tokens")
+    for i, t in enumerate(streams):
+        if t.numel():
+            check_ids(t, vocab_size, f"calibration stream {i}")
 
     # Number of window starts per stream; sampling a flat index over all of them weights streams by length.
     counts = torch.tensor([max(t.numel() - seq_len + 1, 0) for t in streams], dtype=torch.long)
     total = int(counts.sum())
     if total == 0:
         longest = max(t.numel() for t in streams)
-        raise ValueError(f"no stream is long enough for seq_len={seq_len}: the longest has {longest} tokens")
+        raise CalibrationError(f"no stream is long enough for seq_len={seq_len}: the longest has {longest} tokens")
     ends = counts.cumsum(0)
     gen = torch.Generator().manual_seed(seed)
     flat = torch.randint(0, total, (n_samples,), generator=gen)

@@ -13,23 +13,23 @@ Removal changes parameter names (``layers.5`` becomes ``layers.3``): a
 
 from __future__ import annotations
 
-import inspect
 import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import calibration
 from .checkpoint import BASE_CONFIG_ATTR
 from .errors import DepGraphError, PruneError
 from .transaction import EditReport, Transaction
 
-__all__ = ["RemovalReport", "block_importance", "find_blocks", "remove_layers", "remove_least_important"]
+__all__ = ["RemovalReport", "block_importance", "clean_ids", "find_blocks", "owner_config", "remove_layers",
+           "remove_least_important"]
 
 METRICS = ("cosine", "angular")
 # config attributes that count the blocks (GPT-2 style names are aliases through attribute_map)
@@ -89,7 +89,7 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
     return top[0][0], top[0][1]
 
 
-def _owner_config(model: nn.Module, path: str):
+def owner_config(model: nn.Module, path: str):
     """The config of the nearest module above the block list that has one (the text config in a VLM)."""
     parts = path.split(".")
     for cut in range(len(parts) - 1, -1, -1):
@@ -101,35 +101,6 @@ def _owner_config(model: nn.Module, path: str):
 
 
 # ----------------------------------------------------------------------------------------- importance
-
-
-def _batches(calib) -> list:
-    """``[N, L]`` ids -> N batches ``[1, L]``; ``[L]`` -> one; list items (tensor or dict of kwargs) as given."""
-    if isinstance(calib, torch.Tensor):
-        if calib.is_floating_point():
-            raise TypeError("calib must hold token ids (an integer tensor), got a floating-point tensor")
-        if calib.dim() == 1:
-            return [calib[None]]
-        if calib.dim() == 2:
-            return [row[None] for row in calib]
-        raise ValueError(f"calib ids must be [N, L] or [L], got shape {tuple(calib.shape)}")
-    if isinstance(calib, Mapping):
-        return [calib]
-    batches = list(calib)
-    if not batches:
-        raise ValueError("calib is empty; pass at least one batch of token ids")
-    return [b[None] if isinstance(b, torch.Tensor) and b.dim() == 1 else b for b in batches]
-
-
-def _first_tensor(value) -> torch.Tensor | None:
-    """The hidden state in a block's input/output: a tensor, or the first item of a tuple/ModelOutput."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping):  # ModelOutput is an OrderedDict of its non-None fields
-        value = list(value.values())
-    if isinstance(value, (tuple, list)) and value:
-        return _first_tensor(value[0])
-    return None
 
 
 class _CosineMeter:
@@ -145,7 +116,7 @@ class _CosineMeter:
 
     def pre_hook(self, i: int):
         def hook(_module, args, kwargs):
-            x = _first_tensor(args) if args else None
+            x = calibration.first_tensor(args) if args else None
             if x is None:
                 x = kwargs.get("hidden_states")
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -157,7 +128,7 @@ class _CosineMeter:
     def post_hook(self, i: int):
         def hook(_module, _args, _kwargs, output):
             x = self.pending[i].pop()
-            y = _first_tensor(output)
+            y = calibration.first_tensor(output)
             if y is None or y.shape != x.shape:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(output).__name__
                 raise DepGraphError(f"block {i} output {got} does not match its input {tuple(x.shape)}")
@@ -176,18 +147,6 @@ class _CosineMeter:
         return hook
 
 
-def _run(model: nn.Module, batch, device: torch.device, no_cache: dict[str, Any]) -> None:
-    """One forward pass of a calibration batch (ids, or a dict of model kwargs)."""
-    if isinstance(batch, Mapping):
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        model(**{**no_cache, **kwargs})
-        return
-    if isinstance(batch, torch.Tensor):
-        model(input_ids=batch.to(device), **no_cache)
-        return
-    raise TypeError(f"calib batches must be id tensors or dicts of model kwargs, got {type(batch).__name__}")
-
-
 def block_importance(model: nn.Module, calib, metric: str = "cosine", progress: bool = True,
                      path: str | None = None) -> torch.Tensor:
     """Importance of every block, ``[n_blocks]`` float32 on CPU; higher = more important.
@@ -201,26 +160,21 @@ def block_importance(model: nn.Module, calib, metric: str = "cosine", progress: 
     if metric not in METRICS:
         raise ValueError(f"unknown block importance metric {metric!r}; choose one of {METRICS}")
     _, blocks = find_blocks(model, path)
-    batches = _batches(calib)
+    calibration.require_values(model, "block_importance")
+    batches = calibration.batches(calib, calibration.vocab_size(model), ids_only=True)
     meter = _CosineMeter(len(blocks), angular=metric == "angular")
-    device = next(iter(model.parameters())).device
-    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    modes = {m: m.training for m in model.modules()}
     handles = []
     try:
         for i, block in enumerate(blocks):
             handles.append(block.register_forward_pre_hook(meter.pre_hook(i), with_kwargs=True))
             handles.append(block.register_forward_hook(meter.post_hook(i), with_kwargs=True))
-        model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), calibration.eval_mode(model):
             for batch in tqdm(batches, desc="block importance", disable=not progress, leave=False):
                 meter.weights = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                _run(model, batch, device, no_cache)
+                calibration.forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
     idle = [i for i in range(len(blocks)) if meter.counts[i] == 0]
     if idle:
         raise DepGraphError(f"blocks {idle} never ran during calibration (or saw only padding); "
@@ -248,7 +202,7 @@ class RemovalReport(EditReport):
         return f"removed blocks {list(self.removed)} of {self.path} ({len(self.kept)} left)"
 
 
-def _clean_ids(ids, n: int, unit: str, index: str, indices: str, where: str = "") -> list[int]:
+def clean_ids(ids, n: int, unit: str, index: str, indices: str, where: str = "") -> list[int]:
     """``ids`` as distinct ints in ``[0, n)``, else :class:`PruneError` naming the first problem.
 
     ``unit``/``index``/``indices`` name them in messages ("block indices [4] out of range");
@@ -277,7 +231,7 @@ def _clean_ids(ids, n: int, unit: str, index: str, indices: str, where: str = ""
 
 
 def _validate(indices: Iterable[int], n: int) -> tuple[int, ...]:
-    clean = _clean_ids(indices, n, "block", "index", "indices")
+    clean = clean_ids(indices, n, "block", "index", "indices")
     if len(set(clean)) >= n:
         raise PruneError(f"removing {len(clean)} of {n} blocks would leave none; keep at least one")
     return tuple(sorted(clean))
@@ -342,7 +296,7 @@ def remove_layers(model: nn.Module, indices: Iterable[int], path: str | None = N
 
     # stage every edit first, so a failure applies nothing
     edits = _index_edits(blocks, path, kept)
-    config = _owner_config(model, path)
+    config = owner_config(model, path)
     edits += _config_edits(config, n, removed, kept, "config")
     base = getattr(model, BASE_CONFIG_ATTR, None)
     if base is not None and base is not config:

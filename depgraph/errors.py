@@ -21,3 +21,12 @@ class PruneError(DepGraphError):
 
 class RuleError(DepGraphError):
     """An op rule was registered wrongly: a second rule for an op that already has one."""
+
+
+class CalibrationError(DepGraphError, ValueError):
+    """Calibration data or example inputs are unusable (type, dtype, rank, ids outside the vocabulary,
+    no text or tokenizer); raised before any forward pass runs. Also a ``ValueError``."""
+
+
+class DataNotFoundError(DepGraphError, FileNotFoundError):
+    """No data where the caller pointed (or no data folder configured); names the path and the option."""

@@ -18,7 +18,6 @@ remove experts first, then trace the smaller model for width pruning.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import re
@@ -29,7 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .depth import _batches, _clean_ids, _owner_config, _run
+from . import calibration
+from .depth import clean_ids, owner_config
 from .errors import DepGraphError, PruneError
 from .sizes import field_names, layer_config, safe_get
 from .trace import default_inputs
@@ -217,7 +217,7 @@ def _inspect(model: nn.Module, path: str, block: nn.Module, found: set[str]) -> 
         if not _ordered_keys(children[name]):
             return f"{path}: {name} is keyed {list(children[name].keys())[:3]}..., not <prefix>0..{e - 1}"
         list_names.append(_join(path, name))
-    config = _owner_config(model, path) if path else getattr(model, "config", None)
+    config = owner_config(model, path) if path else getattr(model, "config", None)
     top_k = _find_int([children[router], block, config], TOPK_ATTRS)
     if top_k is None:
         return f"{path}: router {_join(path, router)} has {e} rows but no top-k attribute ({', '.join(TOPK_ATTRS[:3])}, ...)"
@@ -325,26 +325,21 @@ def expert_importance(model: nn.Module, calib, sets: Iterable[ExpertSet] | None 
     if not sets:
         raise DepGraphError(f"{type(model).__name__} has no MoE block that find_experts understands")
     meters = [_RouteMeter(s) for s in sets]
-    batches = _batches(calib)
-    device = next(iter(model.parameters())).device
-    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    modes = {m: m.training for m in model.modules()}
+    calibration.require_values(model, "expert_importance")
+    batches = calibration.batches(calib, calibration.vocab_size(model), ids_only=True)
     handles = []
     try:
         for meter in meters:
             handles.append(model.get_submodule(meter.set.router).register_forward_hook(meter.hook))
-        model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), calibration.eval_mode(model):
             for batch in tqdm(batches, desc="expert importance", disable=not progress, leave=False):
                 mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 for meter in meters:
                     meter.mask = mask.reshape(-1).bool().cpu() if isinstance(mask, torch.Tensor) else None
-                _run(model, batch, device, no_cache)
+                calibration.forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
     idle = [m.set.path for m in meters if m.tokens == 0]
     if idle:
         raise DepGraphError(f"MoE blocks {idle} never ran during calibration; expert importance needs them")
@@ -370,7 +365,7 @@ class ExpertRemovalReport(EditReport):
 
 def _validate_ids(s: ExpertSet, ids) -> tuple[int, ...]:
     where = f"MoE block {s.path!r}"
-    clean = _clean_ids(ids, s.num_experts, "expert", "id", "ids", where)
+    clean = clean_ids(ids, s.num_experts, "expert", "id", "ids", where)
     left = s.num_experts - len(clean)
     if left < s.top_k:
         raise PruneError(f"{where}: removing {len(clean)} of {s.num_experts} experts leaves {left}, fewer than "

@@ -43,7 +43,6 @@ Add a criterion with the decorator; it returns a member's per-unit scores (or No
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -55,7 +54,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import calibration
+from .errors import DepGraphError
 from .groups import Group, GroupKind, Member
+from .models import is_meta
 
 try:  # transformers' GPT-2 style Conv1D stores its weight as [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -81,20 +83,24 @@ class _Spec:
     fn: MemberFn
     collect: Callable[[ScoreContext], Any] | None
     needs_calib: bool
+    reads_weights: bool = True
 
 
 CRITERIA: dict[str, _Spec] = {}
 
 
-def criterion(name: str, *, collect: Callable[[ScoreContext], Any] | None = None, needs_calib: bool = False):
+def criterion(name: str, *, collect: Callable[[ScoreContext], Any] | None = None, needs_calib: bool = False,
+              reads_weights: bool = True):
     """Register ``fn(ctx, group, member) -> Tensor[group.size] | None`` as criterion ``name``.
 
     ``collect(ctx)`` (optional) runs once per scoring call before any member is scored; its result is
     ``ctx.stats[name]``. ``needs_calib``: the criterion reads calibration data (``ctx.calib``).
+    ``reads_weights=False``: the criterion never reads weight values, so it also scores a model on the
+    ``meta`` device (shape analysis); the others refuse such a model.
     """
 
     def wrap(fn: MemberFn) -> MemberFn:
-        CRITERIA[name] = _Spec(fn, collect, needs_calib)
+        CRITERIA[name] = _Spec(fn, collect, needs_calib, reads_weights)
         return fn
 
     return wrap
@@ -121,58 +127,15 @@ def _input_dim(module: nn.Module) -> int:
     return 0 if Conv1D is not None and isinstance(module, Conv1D) else 1
 
 
-def _no_cache(model: nn.Module) -> dict[str, Any]:
-    # a KV cache is memory spent on nothing during calibration
-    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-
-
-def _forward(model: nn.Module, batch) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**{**_no_cache(model), **batch})
-    if isinstance(batch, (tuple, list)):
-        return model(*batch, **_no_cache(model))
-    return model(batch, **_no_cache(model))
-
-
 def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
     """The default calibration loss: ``model(input_ids, labels=input_ids).loss`` (next-token CE)."""
     kwargs: dict[str, Any] = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
     kwargs.setdefault("labels", kwargs["input_ids"])
-    out = model(**{**_no_cache(model), **kwargs})
+    out = model(**{**calibration.no_cache_kwargs(model), **kwargs})
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise TypeError(f"{type(model).__name__} returned no .loss for labels=input_ids; pass loss_fn=fn(model, batch)")
     return loss
-
-
-def _to(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
-
-
-def _calib_batches(calib) -> list | None:
-    """Integer ``[N, L]`` tensor -> N batches ``[1, L]``; ``[L]`` -> one; any other tensor -> one batch;
-    a list/tuple -> its items, each one batch (tensor, dict of kwargs, or tuple of args)."""
-    if calib is None:
-        return None
-    if isinstance(calib, torch.Tensor):
-        if not calib.is_floating_point() and calib.dim() == 2:
-            return [row[None] for row in calib]
-        if not calib.is_floating_point() and calib.dim() == 1:
-            return [calib[None]]
-        return [calib]
-    if isinstance(calib, Mapping):
-        return [calib]
-    batches = list(calib)
-    if not batches:
-        raise ValueError("calib is empty; pass at least one batch")
-    return [b[None] if isinstance(b, torch.Tensor) and b.dim() == 1 and not b.is_floating_point() else b
-            for b in batches]
 
 
 @dataclass
@@ -219,7 +182,7 @@ class ScoreContext:
 # ---- data-free criteria ---------------------------------------------------------------------------
 
 
-@criterion("random")
+@criterion("random", reads_weights=False)
 def _random(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor:
     cache = ctx.stats.setdefault("random", {})
     if id(group) not in cache:
@@ -247,7 +210,7 @@ def _grad_chunks(ctx: ScoreContext, names: list[str], budget: int | None) -> lis
     if budget is None:  # default: the largest decoder layer (or the largest single parameter)
         per_layer: dict[str, int] = defaultdict(int)
         for n in names:
-            per_layer[_layer_key(n)] += ctx.params[n].numel()
+            per_layer[calibration.layer_prefix(n)] += ctx.params[n].numel()
         budget = max([v for k, v in per_layer.items() if k] + [max(ctx.params[n].numel() for n in names)])
     chunks: list[list[str]] = [[]]
     used = 0
@@ -259,14 +222,6 @@ def _grad_chunks(ctx: ScoreContext, names: list[str], budget: int | None) -> lis
         chunks[-1].append(n)
         used += size
     return chunks
-
-
-def _layer_key(param: str) -> str:
-    parts = param.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return ""
 
 
 def _taylor_collect(mode: str) -> Callable[[ScoreContext], dict[int, torch.Tensor]]:
@@ -290,8 +245,7 @@ def taylor_statistics(ctx: ScoreContext, mode: str) -> dict[int, torch.Tensor]:
     device = next(iter(ctx.params.values())).device
     out: dict[int, torch.Tensor] = {}
     saved = {n: (p.requires_grad, p.grad) for n, p in ctx.params.items()}
-    was_training = model.training
-    model.eval()
+    modes = calibration.set_eval(model)
     try:
         for p in ctx.params.values():
             p.grad = None
@@ -307,7 +261,7 @@ def taylor_statistics(ctx: ScoreContext, mode: str) -> dict[int, torch.Tensor]:
             try:
                 with torch.enable_grad():
                     for batch in batches:
-                        loss = loss_fn(model, _to(batch, device))
+                        loss = loss_fn(model, calibration.to_device(batch, device))
                         loss.backward()
                         bar.update(1)
             finally:
@@ -329,7 +283,7 @@ def taylor_statistics(ctx: ScoreContext, mode: str) -> dict[int, torch.Tensor]:
         for n, p in ctx.params.items():
             p.requires_grad_(saved[n][0])
             p.grad = saved[n][1]
-        model.train(was_training)
+        calibration.restore_modes(modes)
     return out
 
 
@@ -435,16 +389,13 @@ def input_statistics(ctx: ScoreContext) -> InputStats:
             hooks.append(module.register_forward_pre_hook(embed_hook(name, module), with_kwargs=True))
     model = ctx.model
     device = next(iter(ctx.params.values())).device
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), calibration.eval_mode(model):
             for batch in tqdm(ctx.calib, desc="calibration", disable=not ctx.progress, leave=False):
-                _forward(model, _to(batch, device))
+                calibration.forward(model, batch, device)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return stats
 
 
@@ -563,7 +514,15 @@ def member_scores(graph, criterion: str = "l2", calib=None, groups=None, seed: i
     spec = CRITERIA[criterion]
     selected = _select_groups(graph, groups)
     _check_shapes(graph)
-    ctx = ScoreContext(graph, selected, _calib_batches(calib), seed, progress, loss_fn, dict(options))
+    if spec.reads_weights and is_meta(graph.model):
+        free = sorted(n for n, s in CRITERIA.items() if not s.reads_weights)
+        raise DepGraphError(f"criterion {criterion!r} reads weight values, but {type(graph.model).__name__} is on "
+                            "the meta device (shapes only, no values)"
+                            + (" and calibration needs a real forward pass" if spec.needs_calib else "")
+                            + f". Load real weights, or for shape analysis use criterion={free[0]!r} "
+                            "or fixed scores {group: tensor}.")
+    batches = None if calib is None else calibration.batches(calib, calibration.vocab_size(graph.model))
+    ctx = ScoreContext(graph, selected, batches, seed, progress, loss_fn, dict(options))
     if spec.needs_calib and not ctx.calib:
         raise ValueError(f"criterion {criterion!r} needs calibration data: pass calib= token ids ([N, L] "
                          "LongTensor or a list of batches), e.g. depgraph.data.calibration_batches(tokenizer=tok)")

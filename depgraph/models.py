@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import STATE_FILE
-from .errors import DepGraphError
+from .errors import CalibrationError, DepGraphError
 
 __all__ = [
     "DEFAULT_DEMO", "DEMO_MODELS", "DemoSpec", "ModelSpecError", "ResolvedSpec", "demo_model", "is_meta",
@@ -37,8 +37,6 @@ __all__ = [
 ]
 
 _BYTE_VOCAB = 259  # depgraph.data.ByteTokenizer: 256 bytes + <pad>, <bos>, <eos>, so its ids map 1:1
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 
 
 class ModelSpecError(DepGraphError, ValueError):
@@ -224,22 +222,16 @@ def load_tokenizer(spec: str | Path | ResolvedSpec) -> Any | None:
     """The tokenizer stored with a model directory (Hugging Face files or ``byte_tokenizer.json``).
 
     Returns None when there is none (demo models, config files, directories without tokenizer files):
-    callers then use :class:`depgraph.data.ByteTokenizer` with ids taken modulo the model's vocabulary.
+    callers then need a tokenizer from elsewhere (the CLI's ``--tokenizer DIR``); the byte-vocabulary demo
+    models use :class:`depgraph.data.ByteTokenizer`.
     """
-    from .data import ByteTokenizer
+    from .data import tokenizer_from_directory
 
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve(spec)
     directory = resolved.directory
     if directory is None:
         return None
-    if (directory / _BYTE_TOKENIZER_FILE).is_file():
-        return ByteTokenizer.from_pretrained(directory)
-    if any((directory / name).is_file() for name in _TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        except (OSError, ValueError, TypeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelSpecError(f"cannot load the tokenizer in {directory}: {first}") from exc
-    return None
+    try:
+        return tokenizer_from_directory(directory)
+    except CalibrationError as exc:
+        raise ModelSpecError(str(exc)) from exc

@@ -28,7 +28,6 @@ and group order, so a pruner is deterministic given its seed.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import importance
+from . import calibration, importance
 from .cut import PruneReport, count_parameters
 from .graph import DependencyGraph, trace
 from .groups import Group, GroupKind
@@ -48,7 +47,6 @@ from .groups import Group, GroupKind
 __all__ = ["Pruner", "TargetReport", "layer_index", "simulate_params"]
 
 STRUCTURES = {"block": ("A", "B"), "channel": ("C",), "all": ("A", "B", "C")}
-_INT = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 
 
 @dataclass
@@ -75,9 +73,9 @@ def layer_index(group: Group) -> int | None:
     if group.kind is GroupKind.C:
         return None
     for name in [group.name] + [m.param for m in group.members]:
-        hit = _INT.search(name)
-        if hit:
-            return int(hit.group(1))
+        index = calibration.layer_index(name)
+        if index is not None:
+            return index
     return None
 
 

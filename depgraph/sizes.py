@@ -518,7 +518,7 @@ def _rank_fields(group: Group, modules, scope_config, cut: bool) -> list[tuple[o
     """``(owner, name)`` of the rank attributes giving a latent group's width (``kv_lora_rank``).
 
     Candidates are the scope's module attributes and config fields named like a rank
-    (:func:`depgraph.layers.rank_stem`) whose value is the group's width. Several layers may
+    (:func:`rank_stem`) whose value is the group's width. Several layers may
     share one value (q_lora_rank == kv_lora_rank), so a field must name one of the group's layers
     (``kv_lora_rank`` -> ``kv_a_proj``, ``kv_b_proj``); a generic ``lora_rank`` fits any. A cut
     that cannot tell which field it changes is refused rather than guessed.

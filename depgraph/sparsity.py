@@ -31,6 +31,9 @@ from torch import nn
 from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
+from . import calibration
+from .errors import CalibrationError
+
 try:  # transformers is a dependency, but keep the module importable without it
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -112,12 +115,41 @@ def is_masked(module: nn.Module) -> bool:
 
 
 def make_permanent(model: nn.Module) -> list[str]:
-    """``prune.remove`` every mask this module attached: zeros move into ``weight``; returns the names."""
+    """``prune.remove`` every mask this module attached: zeros move into ``weight``; returns the names.
+
+    A masked weight that is shared with another module (an ``lm_head`` tied to the input embedding) is
+    untied first: the masked model that was evaluated used the mask on this module only, so writing the
+    zeros into the shared tensor would zero the embedding too and change the logits. The model's config
+    then records ``tie_word_embeddings=False`` so that saving and reloading keeps the two apart.
+    """
     names = [name for name, module in model.named_modules() if is_masked(module)]
     modules = dict(model.named_modules())
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    untied = []
     for name in names:
-        prune.remove(modules[name], "weight")
+        module = modules[name]
+        orig = module.weight_orig
+        if uses.get(id(orig), 0) > 1:
+            module.weight_orig = nn.Parameter(orig.detach().clone(), requires_grad=orig.requires_grad)
+            untied.append(module)
+        prune.remove(module, "weight")
+    get_output = getattr(model, "get_output_embeddings", None)
+    if untied and callable(get_output) and get_output() in untied:
+        _untie_config(model)
     return names
+
+
+def _untie_config(model: nn.Module) -> None:
+    """Record in every config of ``model`` (and its text config) that the output embedding is its own."""
+    config = getattr(model, "config", None)
+    configs = [config] if config is not None else []
+    if config is not None and hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for c in configs:
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,31 +266,14 @@ def _resolve_sparsity(
 # calibration (Wanda input norms)
 
 
-def _calib_batches(calib: Calib | None) -> list[torch.Tensor]:
-    if calib is None:
-        raise ValueError(
-            "method='wanda' needs calib: a LongTensor [batch, seq] of token ids or a list of such tensors"
-        )
-    batches = [calib] if isinstance(calib, torch.Tensor) else list(calib)
-    if not batches:
-        raise ValueError("calib is an empty list; pass at least one LongTensor [batch, seq] of token ids")
-    out = []
-    for i, batch in enumerate(batches):
-        if not isinstance(batch, torch.Tensor) or batch.dtype.is_floating_point or batch.dtype == torch.bool:
-            raise ValueError(f"calib[{i}] must be an integer tensor of token ids, got {type(batch).__name__}")
-        if batch.dim() == 1:
-            batch = batch.unsqueeze(0)
-        if batch.dim() != 2 or batch.numel() == 0:
-            raise ValueError(f"calib[{i}] must have shape [batch, seq], got {tuple(batch.shape)}")
-        out.append(batch)
-    return out
-
-
 def _input_norms(
     model: nn.Module, modules: Mapping[str, nn.Module], calib: Calib | None, progress: bool
 ) -> dict[str, torch.Tensor]:
     """``||X_j||_2`` per input feature of every module, over all calibration tokens (one pass)."""
-    batches = _calib_batches(calib)
+    if calib is None:
+        raise CalibrationError("method='wanda' needs calib: a LongTensor [batch, seq] of token ids or a list of such "
+                            "tensors, e.g. depgraph.data.calibration_batches(text, tokenizer=tok)")
+    batches = calibration.batches(calib, calibration.vocab_size(model), ids_only=True)
     sums: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str) -> Callable:
@@ -271,17 +286,13 @@ def _input_norms(
         return hook
 
     handles = [m.register_forward_hook(hook_for(n), with_kwargs=True) for n, m in modules.items()]
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), calibration.eval_mode(model):
             for batch in tqdm(batches, desc="wanda calibration", disable=not progress):
-                model(input_ids=batch.to(device))
+                calibration.forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     missing = [name for name in modules if name not in sums]
     if missing:
         raise ValueError(f"these layers saw no input during the calib forward pass: {missing[:5]}")
@@ -509,6 +520,7 @@ def sparsify(
     nm = _parse_pattern(pattern)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    calibration.require_values(model, "sparsify")
     if scope not in _SCOPES:
         raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
     targets = _select(model, layers, skip)
@@ -561,18 +573,6 @@ def sparsify(
 
 # --------------------------------------------------------------------------------------------------
 # sensitivity
-
-
-_INDEX_RE = re.compile(r"^\d+$")
-
-
-def _block_prefix(name: str) -> str:
-    """``model.layers.3.mlp.up_proj`` -> ``model.layers.3``; names without an index are their own group."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if _INDEX_RE.match(part):
-            return ".".join(parts[: i + 1])
-    return name
 
 
 @dataclass
@@ -669,6 +669,7 @@ def sensitivity(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    calibration.require_values(model, "sensitivity")
     sweep = tuple(sorted({_check_fraction(s, "each of sparsities") for s in sparsities}))
     if not sweep:
         raise ValueError("sparsities is empty")
@@ -676,7 +677,7 @@ def sensitivity(
     groups: dict[str, list[str]] = {}
     if layers is None:
         for name in candidates:
-            groups.setdefault(_block_prefix(name), []).append(name)
+            groups.setdefault(calibration.layer_prefix(name) or name, []).append(name)
     else:
         for entry in [layers] if isinstance(layers, str) else list(layers):
             groups[entry] = list(_select(model, [entry], skip))

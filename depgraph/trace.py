@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import TraceError
+from . import calibration
+from .errors import CalibrationError, TraceError, UnsupportedModelError
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -55,8 +56,34 @@ def default_inputs(model: nn.Module, batch: int = 2, seq_len: int = 8) -> tuple[
     return (ids.to(device),), kwargs
 
 
+def adapter_layers(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that carry peft adapters (LoRA and the other peft tuners)."""
+    peft = sys.modules.get("peft")  # a model cannot hold peft layers unless peft was imported
+    if peft is None:
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def refuse_adapters(model: nn.Module) -> None:
+    """Refuse a peft-wrapped model: its adapter ranks would be traced as prunable channels and the base
+    layers' sizes cut under peft's feet (stale ``intermediate_size``, stale LoRA ``r``)."""
+    wrapped = adapter_layers(model)
+    if wrapped:
+        shown = ", ".join(wrapped[:3]) + (f" and {len(wrapped) - 3} more" if len(wrapped) > 3 else "")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} carries peft adapters ({shown}): depgraph cannot prune through them "
+            "(the adapter ranks and peft's config would go stale). Merge them first "
+            "(model = model.merge_and_unload()) or prune the base model and attach the adapters afterwards."
+        )
+
+
 def normalise_inputs(model: nn.Module, example_inputs) -> tuple[tuple, dict[str, Any]]:
-    """Accept a tensor, a tuple/list of args, a dict of kwargs, or (args, kwargs)."""
+    """Accept a tensor, a tuple/list of args, a dict of kwargs, or (args, kwargs).
+
+    Refuses peft-wrapped models and example token ids the model cannot embed (before any tracing)."""
+    refuse_adapters(model)
     if example_inputs is None:
         return default_inputs(model)
     if isinstance(example_inputs, torch.Tensor):
@@ -73,9 +100,32 @@ def normalise_inputs(model: nn.Module, example_inputs) -> tuple[tuple, dict[str,
             f"example_inputs must be a tensor, a tuple of tensors, a dict of keyword inputs or "
             f"(args, kwargs); got {type(example_inputs).__name__}"
         )
+    check_example_ids(model, args, kwargs)
     if _accepts_use_cache(model) and "use_cache" not in kwargs:
         kwargs["use_cache"] = False  # a KV cache is state, not structure
     return args, kwargs
+
+
+def check_example_ids(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Refuse token ids the model cannot embed (outside ``[0, vocab_size)``, not integers) here, rather
+    than tracing them and letting the next prune's forward check fail for a reason it cannot name.
+
+    Checked: ``input_ids=`` and an integer first positional input of a model with a vocabulary.
+    """
+    vocab = calibration.vocab_size(model)
+    if vocab is None:
+        return
+    found = [("example_inputs['input_ids']", kwargs["input_ids"])] if "input_ids" in kwargs else []
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+        found.append(("example_inputs[0]", args[0]))
+    for what, ids in found:
+        if ids is None:
+            continue
+        try:
+            calibration.check_ids(ids, vocab, what)
+        except CalibrationError as exc:
+            raise TraceError(f"{exc}. Pass example ids in [0, {vocab - 1}] (or leave example_inputs=None "
+                             "to build valid ones from the config).") from exc
 
 
 def _failing_module(model: nn.Module, tb) -> str | None:

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -14,3 +15,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # Two threads on a shared 2-core machine make tiny matmuls ~100x slower (thread contention).
 torch.set_num_threads(1)
+
+# The library has no default data folder; the tests use the WikiText-2 copy beside the repository when
+# there is one (tests that need it skip otherwise). An explicit DEPGRAPH_DATA_DIR wins.
+_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+if "DEPGRAPH_DATA_DIR" not in os.environ and _SHARED.is_dir():
+    os.environ["DEPGRAPH_DATA_DIR"] = str(_SHARED)

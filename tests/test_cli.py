@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import runpy
 import shutil
@@ -24,6 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import depgraph
+import depgraph.data
 from depgraph.models import DEMO_MODELS, ModelSpecError, is_meta, load_model, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,10 +47,10 @@ class Result:
                 f"--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}")
 
 
-def _run(args: list[str], cwd: Path, console_script: bool = False) -> Result:
+def _run(args: list[str], cwd: Path, console_script: bool = False, env: dict[str, str] | None = None) -> Result:
     exe = [shutil.which("depgraph") or "depgraph"] if console_script else [sys.executable, "-m", "depgraph"]
     start = time.perf_counter()
-    proc = subprocess.run(exe + args, cwd=cwd, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(exe + args, cwd=cwd, capture_output=True, text=True, timeout=240, env=env)
     return Result(args, proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
 
 
@@ -59,7 +61,10 @@ def work(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
                          num_key_value_heads=4, head_dim=8, vocab_size=300, max_position_embeddings=128)
-    LlamaForCausalLM(config).eval().save_pretrained(root / "tiny")
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "tiny")
+    depgraph.data.ByteTokenizer().save_pretrained(root / "tiny")  # the model's own tokenizer
+    model.save_pretrained(root / "bare")  # no tokenizer files: text needs --tokenizer
     (root / "text.txt").write_text(TEXT)
     return root
 
@@ -85,8 +90,16 @@ def runs(work: Path) -> dict[str, Result]:
                            "neuron", "--report", "out/report.html", "-q"], False)
     if shutil.which("depgraph"):
         jobs["script_help"] = (["--help"], True)
+    bare = str(work / "bare")
+    jobs["no_tokenizer"] = (["eval", bare, "--ppl", text, "--context-length", "32", "--max-tokens", "100", "-q"],
+                          False)
+    jobs["eval_tokenizer"] = (["eval", bare, "--ppl", text, "--context-length", "32", "--max-tokens", "100",
+                               "--tokenizer", tiny], False)
+    no_data = {k: v for k, v in os.environ.items() if k != "DEPGRAPH_DATA_DIR"}
     with ThreadPoolExecutor(max_workers=4) as pool:  # demo first: its wall time is asserted
         futures = {name: pool.submit(_run, args, work, script) for name, (args, script) in jobs.items()}
+        futures["no_calib"] = pool.submit(_run, ["prune", tiny, "--criterion", "taylor_first", "--out", "out/y", "-q"],
+                                          work, False, no_data)
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -151,6 +164,13 @@ def test_eval_prints_perplexity_with_context_length(runs):
     assert len(r.stdout.strip().splitlines()) == 1, r  # progress bars go to stderr
 
 
+def test_eval_names_the_tokenizer_it_used(runs, work):
+    r = runs["eval"]
+    assert "tokenizer ByteTokenizer" in r.stdout, r
+    r = runs["eval_tokenizer"]
+    assert r.returncode == 0 and "tokenizer ByteTokenizer" in r.stdout, r
+
+
 def test_demo_runs_end_to_end(runs, work):
     r = runs["demo"]
     assert r.returncode == 0, r
@@ -166,7 +186,9 @@ def test_demo_runs_end_to_end(runs, work):
 
 
 @pytest.mark.parametrize("name, words", [("bad_path", "no-such-model"), ("bad_ratio", "ratio"),
-                                         ("bad_criterion", "no_such_criterion")])
+                                         ("bad_criterion", "no_such_criterion"),
+                                         ("no_tokenizer", "--tokenizer DIR"),  # no bytes-mod-vocab fallback
+                                         ("no_calib", "--calib FILE")])  # no random-ids fallback
 def test_bad_input_is_one_line_error(runs, name, words):
     r = runs[name]
     assert r.returncode == 2, r

@@ -346,8 +346,15 @@ def test_block_importance_ignores_padding_and_restores_state():
     hooks = _hook_count(model)
     block_importance(model, ids, progress=False)
     assert all(m.training for m in model.modules())
-    with pytest.raises(IndexError):  # ids beyond the vocabulary: the forward fails midway
+    with pytest.raises(DepGraphError, match=r"token id 10000 is out of range.*\[0, 999\]"):  # refused up front
         block_importance(model, torch.full((1, 4), 10_000), progress=False)
+    def fail(*_):
+        raise RuntimeError("boom")
+
+    handle = find_blocks(model)[1][1].register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):  # the forward fails midway
+        block_importance(model, ids, progress=False)
+    handle.remove()
     assert _hook_count(model) == hooks and all(m.training for m in model.modules())
     with pytest.raises(ValueError, match="unknown block importance metric"):
         block_importance(model, ids, metric="ppl")

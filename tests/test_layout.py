@@ -15,10 +15,6 @@ PACKAGES = ("depgraph", "visualize")
 # engineers are removing them (issue 15): the integrator deletes each entry as its fix lands, and the
 # test fails on an entry that is no longer needed, so the list can only shrink.
 ALLOWED: set[tuple[str, str, str]] = {
-    ("depgraph.experts", "depgraph.depth", "_batches"),
-    ("depgraph.experts", "depgraph.depth", "_clean_ids"),
-    ("depgraph.experts", "depgraph.depth", "_owner_config"),
-    ("depgraph.experts", "depgraph.depth", "_run"),
 }
 
 

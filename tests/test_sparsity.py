@@ -478,3 +478,37 @@ def test_sensitivity_restores_when_eval_fn_raises(llama):
     with pytest.raises(RuntimeError, match="boom"):
         sensitivity(llama, flaky, sparsities=(0.5, 0.9), progress=False)
     assert all(torch.equal(v, before[k]) for k, v in llama.state_dict().items())
+
+
+def test_make_permanent_on_a_tied_head_keeps_the_masked_logits(tmp_path):
+    """Regression (issue 15 item 8): sparsify(skip=()) masked the tied lm_head only, but make_permanent
+    wrote the zeros into the shared tensor, zeroing the embedding too (logits moved by ~0.2)."""
+    from models import example_ids, tiny_model
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("qwen2", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = example_ids(model)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    sparsify(model, "magnitude", 0.5, skip=(), progress=False)
+    with torch.no_grad():
+        masked = model(ids).logits
+    assert "lm_head" in make_permanent(model)
+    with torch.no_grad():
+        permanent = model(ids).logits
+    assert torch.equal(masked, permanent)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # the embedding was never masked
+    assert (model.lm_head.weight == 0).float().mean() >= 0.5
+    assert model.config.tie_word_embeddings is False  # a reload must not re-tie the head
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits
+    assert torch.equal(reloaded, masked)
+
+
+def test_make_permanent_keeps_untied_weights_in_place():
+    model = tiny_llama()
+    sparsify(model, "magnitude", 0.5, progress=False)
+    weight = model.model.layers[0].mlp.up_proj.weight_orig
+    make_permanent(model)
+    assert model.model.layers[0].mlp.up_proj.weight is weight  # same Parameter: optimizers keep working
