@@ -38,6 +38,7 @@ from torch import nn
 from . import hf_layout
 from .errors import DepGraphError
 from .hf_layout import BUFFERS_FILE, LAYOUT_KEY, LayoutError, apply_layout, load_buffers
+from .layers import layer_edits
 
 STATE_FILE = "depgraph.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -83,6 +84,10 @@ def _simple(value) -> bool:
     return isinstance(value, (tuple, list)) and all(isinstance(v, _SIMPLE) for v in value)
 
 
+def _same(a, b) -> bool:
+    return (tuple(a) if isinstance(a, (list, tuple)) else a) == (tuple(b) if isinstance(b, (list, tuple)) else b)
+
+
 def _fresh(cls, config, device="meta") -> nn.Module:
     with torch.device(device):
         return cls(config)
@@ -102,8 +107,12 @@ def model_diff(model: nn.Module, config=None) -> dict:
         other = ref_modules.get(path)
         if other is None:
             continue
+        # sizes a layer derives from its own weights (Linear.in_features): when the fresh build already
+        # states what the weights say, a different value on the model is stale, not a layout to reproduce
+        derived = {key for obj, key, size in layer_edits(module, {}, "")
+                   if obj is module and _same(getattr(other, key, None), size)}
         for key, value in vars(module).items():
-            if key.startswith("_") or key == "training" or not _simple(value):
+            if key.startswith("_") or key == "training" or not _simple(value) or key in derived:
                 continue
             if getattr(other, key, object()) != value:
                 attrs.setdefault(path, {})[key] = list(value) if isinstance(value, tuple) else value
