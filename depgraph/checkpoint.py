@@ -249,26 +249,27 @@ def atomic_directory(path: str | Path, owned: re.Pattern = CHECKPOINT_FILES) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".depgraph-{path.name}.", suffix=".tmp", dir=path.parent))
     backup: Path | None = None
+    swapped = False
     try:
         yield tmp
         if path.exists():
             _carry_over(path, tmp, owned)
         _fsync_tree(tmp)
-        if path.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".depgraph-{path.name}.", suffix=".old", dir=path.parent))
-            os.rmdir(backup)
-            os.rename(path, backup)
         try:
+            if path.exists():
+                backup = Path(tempfile.mkdtemp(prefix=f".depgraph-{path.name}.", suffix=".old", dir=path.parent))
+                os.rmdir(backup)  # a unique free name for the old directory
+                os.rename(path, backup)
             os.rename(tmp, path)
-        except BaseException:
-            if backup is not None:
-                os.rename(backup, path)  # put the old checkpoint back
-                backup = None
-            raise
+            swapped = True
+        finally:
+            if not swapped and backup is not None and backup.exists() and not path.exists():
+                os.rename(backup, path)  # interrupted between the two renames: put the old one back
         _fsync_dir(path.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if backup is not None:
+        if not swapped:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
 
 
