@@ -305,8 +305,9 @@ def auto_class_names(model_type: str, cls_name: str) -> list[str]:
 
 
 def registered_model_class(model_type: str, cls_name: str) -> type:
-    """The transformers model class ``cls_name`` for ``model_type``, found only in transformers' auto
-    mappings (built-in names, or classes registered in this process); never imports a named module."""
+    """The transformers model class ``cls_name`` for ``model_type``, found only in transformers' registry:
+    the auto mappings (built-in names, or classes registered in this process), or a class transformers
+    exports whose config class has that model type. Never imports a module a file names."""
     import transformers
 
     for _, mapping in _auto_classes():
@@ -319,6 +320,12 @@ def registered_model_class(model_type: str, cls_name: str) -> type:
         for cls in _registered(mapping, model_type):
             if cls.__name__ == cls_name:
                 return cls
+    # a transformers class outside the auto mappings (a base model, an encoder-only head): accepted when
+    # transformers itself exports it for this model type; getattr only imports transformers' own modules
+    cls = getattr(transformers, cls_name, None) if cls_name.isidentifier() else None
+    if (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+            and getattr(getattr(cls, "config_class", None), "model_type", None) == model_type):
+        return cls
     raise DepGraphError(f"the checkpoint names model class {cls_name!r} for model_type {model_type!r}, which is "
                         "not a transformers model class registered for that model type; refusing to import it. "
                         "If you trust the files, pass trust_remote_code=True (or register the class with "
