@@ -374,3 +374,19 @@ def test_property_save_reload_after_any_cut(family, uniform, seed):
         else:
             assert state["remote_code"] == checkpoint.REMOTE_CODE_FILE
             assert "auto_map" in json.loads((Path(tmp) / "config.json").read_text())
+
+
+def test_load_model_opens_remote_code_only_when_trusted(saved, tmp_path, monkeypatch):
+    import transformers.dynamic_module_utils as dynamic
+
+    from depgraph.models import load_model
+
+    model, ids, path = saved
+    (path / checkpoint.STATE_FILE).unlink()  # as another tool would pass it on: config, weights and code only
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))  # never the user's cache
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(DepGraphError, match="trust_remote_code=True"):  # LlamaForCausalLM has uniform layers
+        load_model(path)
+    loaded = load_model(path, trust_remote_code=True)
+    assert type(loaded).__name__ == "DepGraphLlamaForCausalLM"
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids))
