@@ -179,40 +179,52 @@ def _from_config(config, meta: bool, seed: int) -> nn.Module:
     return _seeded_build(build, seed, "meta" if meta else None).eval()
 
 
-def _from_directory(path: Path, meta: bool, seed: int) -> nn.Module:
+def _from_directory(path: Path, meta: bool, seed: int, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     if meta:  # shapes only: never touch the weight files
         try:
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ModelSpecError(f"cannot read the config of {path}: {str(exc).splitlines()[0]}") from exc
         return _from_config(config, meta=True, seed=seed)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "Unrecognized configuration class" not in str(exc):
             raise ModelSpecError(f"cannot load {path}: {str(exc).splitlines()[0]}") from exc
-        model = AutoModel.from_pretrained(path, local_files_only=True)
-    except OSError as exc:  # e.g. no weights file
-        raise ModelSpecError(f"cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, RuntimeError) as exc:  # no weights file; weights that do not fit the class's shapes
+        hint = ""
+        if not trust_remote_code and _names_remote_code(path):
+            hint = "; its config.json names its own code (auto_map): pass trust_remote_code=True if you trust it"
+        raise ModelSpecError(f"cannot load {path}: {str(exc).strip().splitlines()[0]}{hint}") from exc
     return model.eval()
 
 
-def load_model(spec: str | Path | ResolvedSpec, meta: bool = False, seed: int = 0) -> nn.Module:
+def _names_remote_code(path: Path) -> bool:
+    try:
+        return "auto_map" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_model(spec: str | Path | ResolvedSpec, meta: bool = False, seed: int = 0,
+               trust_remote_code: bool = False) -> nn.Module:
     """Load (or build) the model a ``MODEL`` argument names; see the module docstring.
 
     ``meta``: build on the meta device from the config (no weights read or allocated) for Hugging Face
     directories and config files. Depgraph checkpoints always load their weights (their per-layer sizes
     live in ``depgraph.json``, not in the config); demo ``*-shape`` models are always on meta.
+    ``trust_remote_code``: run code a model directory names (off by default, as in transformers).
     """
     from .checkpoint import load_pretrained
 
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve(spec)
     if resolved.kind == "depgraph":
-        return load_pretrained(resolved.path)
+        return load_pretrained(resolved.path, trust_remote_code=trust_remote_code)
     if resolved.kind == "hf":
-        return _from_directory(resolved.path, meta, seed)
+        return _from_directory(resolved.path, meta, seed, trust_remote_code)
     if resolved.kind == "config":
         return _from_config(_config_from_file(resolved.path), meta, seed)
     return demo_model(resolved.spec, device="meta" if meta else None, seed=seed)

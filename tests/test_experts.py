@@ -312,6 +312,8 @@ class _ListMoeForCausalLM(transformers.PreTrainedModel):
 
 def test_module_list_save_reload(tmp_path):
     transformers.AutoConfig.register(_ListMoeConfig.model_type, _ListMoeConfig, exist_ok=True)
+    # load_pretrained resolves classes only from transformers' registry
+    transformers.AutoModelForCausalLM.register(_ListMoeConfig, _ListMoeForCausalLM, exist_ok=True)
     torch.manual_seed(0)
     model = _sharpen(_ListMoeForCausalLM(_ListMoeConfig()).eval())
     remove_experts(model, {"net.layers.0": [0, 2]})  # one block only: the config cannot say it
