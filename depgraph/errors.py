@@ -17,3 +17,7 @@ class UnsupportedModelError(DepGraphError):
 
 class PruneError(DepGraphError):
     """A pruning plan was rejected; the model was left exactly as it was."""
+
+
+class PlanError(PruneError, ValueError):
+    """A pruning argument or plan was rejected before anything was cut (names the accepted values)."""

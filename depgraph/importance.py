@@ -81,20 +81,23 @@ class _Spec:
     fn: MemberFn
     collect: Callable[[ScoreContext], Any] | None
     needs_calib: bool
+    options: tuple[str, ...] = ()  # keyword options the criterion reads from ctx.options
 
 
 CRITERIA: dict[str, _Spec] = {}
 
 
-def criterion(name: str, *, collect: Callable[[ScoreContext], Any] | None = None, needs_calib: bool = False):
+def criterion(name: str, *, collect: Callable[[ScoreContext], Any] | None = None, needs_calib: bool = False,
+              options: tuple[str, ...] = ()):
     """Register ``fn(ctx, group, member) -> Tensor[group.size] | None`` as criterion ``name``.
 
     ``collect(ctx)`` (optional) runs once per scoring call before any member is scored; its result is
     ``ctx.stats[name]``. ``needs_calib``: the criterion reads calibration data (``ctx.calib``).
+    ``options``: the keyword options it reads from ``ctx.options`` (a ``Pruner`` refuses any other).
     """
 
     def wrap(fn: MemberFn) -> MemberFn:
-        CRITERIA[name] = _Spec(fn, collect, needs_calib)
+        CRITERIA[name] = _Spec(fn, collect, needs_calib, tuple(options))
         return fn
 
     return wrap
@@ -366,7 +369,7 @@ def _taylor_member(name: str) -> MemberFn:
 
 
 for _mode in ("vector", "first", "second"):
-    criterion(f"taylor_{_mode}", collect=_taylor_collect(_mode), needs_calib=True)(_taylor_member(f"taylor_{_mode}"))
+    criterion(f"taylor_{_mode}", collect=_taylor_collect(_mode), needs_calib=True, options=("grad_budget",))(_taylor_member(f"taylor_{_mode}"))
 
 
 # ---- activation statistics (Wanda, Minitron) ----------------------------------------------------
