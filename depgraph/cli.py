@@ -4,6 +4,7 @@
 
     depgraph inspect MODEL [--meta] [--json] [--kind A|B|C]
     depgraph prune   MODEL --ratio 0.2 --criterion l2 --out DIR [--strategy block|channel|all] ...
+                     [--kind-ratios A=0.3,B=0.25] [--no-hf-loadable] [--allow-partial]
     depgraph render  MODEL -o graph.svg [--scope model.layers.0] [--level neuron] [--report report.html]
     depgraph eval    MODEL --ppl FILE [--context-length 128] [--max-tokens N]
     depgraph demo    [--out out/demo]
