@@ -9,7 +9,7 @@
 from .checkpoint import load_pretrained, save_pretrained
 from .cut import PruneReport, count_parameters, prune, validate_plan, zero_mask
 from .depth import RemovalReport, block_importance, find_blocks, remove_layers, remove_least_important
-from .errors import DepGraphError, PruneError, TraceError, UnsupportedModelError
+from .errors import DepGraphError, PlanError, PruneError, TraceError, UnsupportedModelError
 from .experts import (
     ExpertRemovalReport,
     ExpertSet,
@@ -21,7 +21,7 @@ from .experts import (
 from .graph import DependencyGraph, trace
 from .groups import Group, GroupKind, Member
 from .importance import criterion, member_scores, score
-from .pruner import Pruner, TargetReport, simulate_params
+from .pruner import KindResult, Pruner, TargetReport, simulate_params
 from .sparsity import check_n_m, make_permanent, sensitivity, sparsify, storage_report
 
 __version__ = "0.1.0"
@@ -32,7 +32,7 @@ __all__ = [
     "RemovalReport", "block_importance", "depth", "find_blocks", "remove_layers", "remove_least_important",
     "ExpertRemovalReport", "ExpertSet", "expert_importance", "experts", "find_experts", "remove_experts",
     "remove_least_important_experts",
-    "Pruner", "TargetReport", "criterion", "importance", "member_scores", "pruner", "score", "simulate_params",
+    "KindResult", "PlanError", "Pruner", "TargetReport", "criterion", "importance", "member_scores", "pruner", "score", "simulate_params",
     "DepGraphError", "DependencyGraph", "Group", "GroupKind", "Member", "PruneError", "PruneReport",
     "TraceError", "UnsupportedModelError", "check_n_m", "count_parameters", "load_pretrained",
     "make_permanent", "prune", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",
