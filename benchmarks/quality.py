@@ -76,6 +76,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 from common import SEQ_LEN, latency_ms, macs, param_count, train_tiny_llama  # noqa: E402
 
 import depgraph  # noqa: E402
+from depgraph.checkpoint import plain_hf_reason  # noqa: E402
 from depgraph.data import calibration_batches, default_text_path, read_text  # noqa: E402
 from depgraph.evaluate import perplexity  # noqa: E402
 from depgraph.groups import GroupKind  # noqa: E402
@@ -277,16 +278,36 @@ class LlamaBench:
         """Measure ``model`` and return a table row (``fields`` first)."""
         t = time.perf_counter()
         n = param_count(model)
+        reason = plain_hf_reason(model)
         out: dict[str, Any] = {
             **fields,
             "params": n,
             "removed_pct": 100.0 * (1 - n / self.params),
+            "plain_hf": reason is None,  # saved files load with plain from_pretrained
+            "hf_reason": reason,
+            "kind_removed_pct": kind_removed_pct(self.model, model),
             **self.costs(model),
             "ppl": self.ppl(model),
             "status": fields.get("status", "ok"),
         }
         out["eval_s"] = time.perf_counter() - t
         return out
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    """Units of each kind in the benchmark Llama, read from the weights (any pruner, uniform or not):
+    A = MLP neurons, B = query heads (q_proj rows / head_dim), C = hidden channels."""
+    head_dim = model.config.head_dim
+    layers = model.model.layers
+    return {"A": sum(layer.mlp.up_proj.weight.shape[0] for layer in layers),
+            "B": sum(layer.self_attn.q_proj.weight.shape[0] // head_dim for layer in layers),
+            "C": model.model.embed_tokens.weight.shape[1]}
+
+
+def kind_removed_pct(base: nn.Module, model: nn.Module) -> dict[str, float]:
+    """Per-kind share of units removed, in percent (whole layers removed count for A and B)."""
+    before, after = _widths(base), _widths(model)
+    return {k: 100.0 * (1 - after[k] / before[k]) for k in before}
 
 
 def setup_llama(s: Settings) -> LlamaBench:
@@ -761,21 +782,24 @@ def _table(header: Sequence[str], body: list[Sequence[str]]) -> str:
 
 
 def llama_table(rows: list[dict], base: dict) -> str:
-    header = ["method", "structure", "criterion", "aggregation", "budget", "params (removed)", "non-zeros",
-              "MACs (% of base)", "latency × base", "ppl", "time s", "note"]
-    body = [["unpruned", "-", "-", "-", "-", f"{base['params']:,} (0.0%)", "-", f"{base['macs']:,} (100%)", "1.00",
-             _f(base["ppl"]), "-", ""]]
+    header = ["method", "structure", "criterion", "aggregation", "budget", "params (removed)", "A / B / C removed",
+              "plain HF", "non-zeros", "MACs (% of base)", "latency × base", "ppl", "time s", "note"]
+    body = [["unpruned", "-", "-", "-", "-", f"{base['params']:,} (0.0%)", "-", "yes", "-",
+             f"{base['macs']:,} (100%)", "1.00", _f(base["ppl"]), "-", ""]]
     for r in rows:
         if r.get("status") != "ok":
             body.append([r.get("method", ""), r.get("structure", "-"), r.get("criterion", ""),
-                         r.get("aggregation", "-"), _f(r.get("budget"), "{:.0%}"), "-", "-", "-", "-",
+                         r.get("aggregation", "-"), _f(r.get("budget"), "{:.0%}"), "-", "-", "-", "-", "-", "-",
                          f"**{r['status']}**", "-", r.get("error", "")[:400]])
             continue
         nz = f"{r['nonzero_pct']:.1f}% (sparse)" if "nonzero_pct" in r else "-"
+        kinds = r.get("kind_removed_pct")
+        kinds_text = " / ".join(f"{kinds[k]:.0f}%" for k in "ABC") if kinds else "-"
+        plain = "-" if "plain_hf" not in r else ("yes" if r["plain_hf"] else "no")
         body.append([r["method"], r["structure"], r["criterion"], r["aggregation"], _f(r["budget"], "{:.0%}"),
-                     f"{r['params']:,} ({r['removed_pct']:.1f}%)", nz, f"{r['macs']:,} ({r['macs_pct']:.1f}%)",
-                     _f(r["latency_rel"], "{:.2f}"), _f(r["ppl"]), _f(r.get("prune_s"), "{:.1f}"),
-                     r.get("note", "")])
+                     f"{r['params']:,} ({r['removed_pct']:.1f}%)", kinds_text, plain, nz,
+                     f"{r['macs']:,} ({r['macs_pct']:.1f}%)", _f(r["latency_rel"], "{:.2f}"), _f(r["ppl"]),
+                     _f(r.get("prune_s"), "{:.1f}"), r.get("note", "")])
     return _table(header, body)
 
 

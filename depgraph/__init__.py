@@ -9,7 +9,7 @@
 from .checkpoint import load_pretrained, save_pretrained
 from .cut import PruneReport, prune, validate_plan, zero_mask
 from .depth import RemovalReport, block_importance, find_blocks, remove_layers, remove_least_important
-from .errors import CalibrationError, DepGraphError, PruneError, TraceError, UnsupportedModelError
+from .errors import CalibrationError, DepGraphError, PlanError, PruneError, TraceError, UnsupportedModelError
 from .experts import (
     ExpertRemovalReport,
     ExpertSet,
@@ -22,7 +22,7 @@ from .graph import DependencyGraph, trace
 from .groups import Group, GroupKind, Member
 from .importance import criterion, member_scores, score
 from .optim import cut_optimizer_state
-from .pruner import Pruner, TargetReport, simulate_params
+from .pruner import KindResult, Pruner, TargetReport, simulate_params
 from .sparsity import check_n_m, make_permanent, sensitivity, sparsify, storage_report
 from .transaction import EditReport, Transaction, count_parameters
 
@@ -34,7 +34,8 @@ __all__ = [
     "RemovalReport", "block_importance", "depth", "find_blocks", "remove_layers", "remove_least_important",
     "ExpertRemovalReport", "ExpertSet", "expert_importance", "experts", "find_experts", "remove_experts",
     "remove_least_important_experts",
-    "Pruner", "TargetReport", "criterion", "importance", "member_scores", "pruner", "score", "simulate_params",
+    "KindResult", "PlanError", "Pruner", "TargetReport", "criterion", "importance", "member_scores", "pruner",
+    "score", "simulate_params",
     "CalibrationError", "calibration", "cut_optimizer_state", "data", "optim",
     "DepGraphError", "DependencyGraph", "EditReport", "Transaction", "Group", "GroupKind", "Member", "PruneError",
     "PruneReport",

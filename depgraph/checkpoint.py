@@ -183,15 +183,34 @@ def _runtime_config(model: nn.Module, config):
                         "so a reloaded model would compute something else") from cause
 
 
+def plain_hf_reason(model: nn.Module) -> str | None:
+    """Why plain ``from_pretrained`` could not rebuild ``model`` from its (pruned) config; None when it can.
+
+    Works on the meta device too (nothing is loaded), so a plan can be checked before it is cut.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return f"{type(model).__name__} has no Hugging Face config"
+    try:
+        if hasattr(config, "validate"):
+            config.validate()  # from_pretrained re-validates the saved config
+        diff = model_diff(model)
+    except Exception as exc:  # e.g. the config class rejects hidden_size % heads != 0
+        return f"the config class refuses the pruned sizes ({' '.join(str(exc).split())[-300:]})"
+    if diff["shapes"]:
+        names = sorted(diff["shapes"])
+        return (f"{len(names)} tensor(s) differ from what the config describes, e.g. {names[0]} "
+                f"{diff['shapes'][names[0]]} (layers of different widths: per-layer sizes)")
+    for key, what in (("attrs", "module attributes"), ("configs", "per-module config copies"),
+                      ("modules", "module classes"), ("containers", "module lists")):
+        if diff[key]:
+            return f"{what} differ from a fresh build from the config ({', '.join(sorted(diff[key])[:3])})"
+    return None
+
+
 def _hf_compatible(model: nn.Module) -> bool:
     """Can ``from_pretrained`` rebuild this model from its (pruned) config alone?"""
-    try:
-        if hasattr(model.config, "validate"):
-            model.config.validate()  # from_pretrained re-validates the saved config
-        diff = model_diff(model)
-    except Exception:  # e.g. the config class rejects hidden_size % heads != 0
-        return False
-    return not (diff["shapes"] or diff["attrs"] or diff["configs"] or diff["modules"] or diff["containers"])
+    return plain_hf_reason(model) is None
 
 
 

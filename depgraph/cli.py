@@ -4,6 +4,7 @@
 
     depgraph inspect MODEL [--meta] [--json] [--kind A|B|C]
     depgraph prune   MODEL --ratio 0.2 --criterion l2 --out DIR [--strategy block|channel|all] ...
+                     [--kind-ratios A=0.3,B=0.25] [--no-hf-loadable] [--allow-partial]
     depgraph render  MODEL -o graph.svg [--scope model.layers.0] [--level neuron] [--report report.html]
     depgraph eval    MODEL --ppl FILE [--context-length 128] [--max-tokens N]
     depgraph demo    [--out out/demo]
@@ -136,6 +137,18 @@ def _ratio(text: str) -> float:
     if not 0.0 < value < 1.0 or math.isnan(value):
         raise argparse.ArgumentTypeError(f"ratio must be in (0, 1) (exclusive), got {text}")
     return value
+
+
+def _kind_ratios(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        kind, _, value = part.partition("=")
+        kind = kind.strip().upper()
+        if kind not in ("A", "B", "C") or kind in out:
+            raise argparse.ArgumentTypeError(f"kind ratios look like A=0.3,B=0.25 (kinds A, B, C once each), "
+                                             f"got {text!r}")
+        out[kind] = _ratio(value)
+    return out
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -373,13 +386,15 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
             calib, calib_about = _calibration(model, tokenizer, args.calib, args.calib_samples, args.seq_len,
                                               args.seed)
         stage("score and cut")
-        pruner = Pruner(graph, criterion=args.criterion, aggregate=args.aggregate, ratio=args.ratio,
-                        target=args.target, scope=args.scope, structure=args.strategy,
-                        skip_first=args.skip_first, skip_last=args.skip_last, round_to=args.round_to,
-                        steps=args.steps, calib=calib, seed=args.seed, progress=not console.quiet)
-        if not pruner.groups:
-            raise CLIError(f"no group to prune: strategy {args.strategy!r} with --skip-first "
-                           f"{args.skip_first} --skip-last {args.skip_last} selects none ({graph!r})", 1)
+        hf_loadable = args.hf_loadable
+        if hf_loadable is None:  # on by default, unless the options ask for per-layer widths
+            hf_loadable = args.scope == "local" and not (args.skip_first or args.skip_last)
+        pruner = Pruner(graph, criterion=args.criterion, aggregate=args.aggregate,
+                        ratio=args.kind_ratios or args.ratio, target=args.target, scope=args.scope,
+                        structure=args.strategy, skip_first=args.skip_first, skip_last=args.skip_last,
+                        round_to=args.round_to, head_round_to=args.head_round_to, steps=args.steps,
+                        calib=calib, seed=args.seed, progress=not console.quiet, hf_loadable=hf_loadable,
+                        allow_partial=args.allow_partial)
         before = {id(g): g.size for g in pruner.groups}
         alive = {id(g): list(range(g.size)) for g in pruner.groups}  # current unit id -> original unit id
         removed: dict[int, list[int]] = {id(g): [] for g in pruner.groups}
@@ -390,6 +405,7 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
                 removed[id(group)].extend(alive[id(group)][u] for u in units)
                 alive[id(group)] = [o for u, o in enumerate(alive[id(group)]) if u not in gone]
             pruner.step(plan)
+        target = pruner.history[-1].target if pruner.history else None
         stage("save")
         _save(model, out)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
@@ -399,8 +415,12 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
             "model": args.model, "class": type(model).__name__, "criterion": args.criterion,
             "aggregate": args.aggregate, "ratio": args.ratio, "strategy": args.strategy, "scope": args.scope,
             "target": args.target, "skip_first": args.skip_first, "skip_last": args.skip_last,
-            "round_to": args.round_to, "steps": args.steps, "seed": args.seed, "calibration": calib_about,
+            "round_to": args.round_to, "head_round_to": args.head_round_to, "kind_ratios": args.kind_ratios,
+            "hf_loadable": hf_loadable, "steps": args.steps, "seed": args.seed, "calibration": calib_about,
             "params_before": pruner.params_before, "params_after": params_after,
+            "achieved": {k: r.ratio for k, r in target.kinds.items()} if target is not None else {},
+            "plain_hf": target.hf_reason is None if target is not None else None,
+            "notes": target.notes if target is not None else [],
             "groups": {g.name: {"kind": g.kind.value, "before": before[id(g)], "after": g.size,
                                 "removed": sorted(removed[id(g)])} for g in pruner.groups},
         }
@@ -414,12 +434,14 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     units = sum(len(v) for v in removed.values())
     console.say(f"pruned {units} units in {cut} of {len(pruner.groups)} groups "
                 f"({args.strategy}, {args.scope}, {args.criterion}/{args.aggregate})")
-    if pruner.history and getattr(pruner.history[-1], "target", None) is not None:
-        console.say(str(pruner.history[-1].target))
+    if target is not None:
+        console.say(str(target))  # per-kind ratios, notes, and whether plain from_pretrained loads it
     console.say(f"parameters: {pruner.params_before:,} -> {params_after:,} "
                 f"({1 - params_after / max(pruner.params_before, 1):.2%} removed)")
     console.say(f"time: {took:.1f} s")
-    console.say(f"wrote {out}/ (reload with depgraph.load_pretrained) and {out / 'plan.json'}")
+    reload = ("depgraph.load_pretrained or transformers' from_pretrained" if target is None or
+              target.hf_reason is None else "depgraph.load_pretrained")
+    console.say(f"wrote {out}/ (reload with {reload}) and {out / 'plan.json'}")
     return 0
 
 
@@ -700,7 +722,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ratio counts units of the selected groups or parameters of the model")
     number(p, "--skip-first", 0, 0, "leave the first N layers alone")
     number(p, "--skip-last", 0, 0, "leave the last N layers alone")
-    number(p, "--round-to", 1, None, "keep multiples of N units per group")
+    p.add_argument("--kind-ratios", type=_kind_ratios, default=None, metavar="K=R,...",
+                   help="a budget per kind instead of --ratio/--strategy, e.g. A=0.3,B=0.25 (of each kind's "
+                   "units, or of the model's parameters with --target params)")
+    number(p, "--round-to", 1, None, "keep multiples of N units per width group (A, C)")
+    number(p, "--head-round-to", 1, None, "keep multiples of N KV heads per attention group (B)")
+    p.add_argument("--hf-loadable", action=argparse.BooleanOptionalAction, default=None,
+                   help="only plans whose result plain from_pretrained loads (uniform widths, sizes the config "
+                   "class accepts); default: on, unless --scope global or --skip-first/--skip-last")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="cut as far as possible when the target is out of reach (default: refuse)")
     number(p, "--steps", 1, 1, "reach the ratio in N re-scored cuts (default 1)")
     p.add_argument("--calib", type=_existing_file, default=None, metavar="FILE",
                    help="calibration text file (default: valid.txt in $DEPGRAPH_DATA_DIR)")

@@ -30,3 +30,7 @@ class CalibrationError(DepGraphError, ValueError):
 
 class DataNotFoundError(DepGraphError, FileNotFoundError):
     """No data where the caller pointed (or no data folder configured); names the path and the option."""
+
+
+class PlanError(PruneError, ValueError):
+    """A pruning argument or plan was rejected before anything was cut (names the accepted values)."""

@@ -84,23 +84,25 @@ class _Spec:
     collect: Callable[[ScoreContext], Any] | None
     needs_calib: bool
     reads_weights: bool = True
+    options: tuple[str, ...] = ()  # keyword options the criterion reads from ctx.options
 
 
 CRITERIA: dict[str, _Spec] = {}
 
 
 def criterion(name: str, *, collect: Callable[[ScoreContext], Any] | None = None, needs_calib: bool = False,
-              reads_weights: bool = True):
+              reads_weights: bool = True, options: tuple[str, ...] = ()):
     """Register ``fn(ctx, group, member) -> Tensor[group.size] | None`` as criterion ``name``.
 
     ``collect(ctx)`` (optional) runs once per scoring call before any member is scored; its result is
     ``ctx.stats[name]``. ``needs_calib``: the criterion reads calibration data (``ctx.calib``).
     ``reads_weights=False``: the criterion never reads weight values, so it also scores a model on the
     ``meta`` device (shape analysis); the others refuse such a model.
+    ``options``: the keyword options it reads from ``ctx.options`` (a ``Pruner`` refuses any other).
     """
 
     def wrap(fn: MemberFn) -> MemberFn:
-        CRITERIA[name] = _Spec(fn, collect, needs_calib, reads_weights)
+        CRITERIA[name] = _Spec(fn, collect, needs_calib, reads_weights, tuple(options))
         return fn
 
     return wrap
@@ -320,7 +322,7 @@ def _taylor_member(name: str) -> MemberFn:
 
 
 for _mode in ("vector", "first", "second"):
-    criterion(f"taylor_{_mode}", collect=_taylor_collect(_mode), needs_calib=True)(_taylor_member(f"taylor_{_mode}"))
+    criterion(f"taylor_{_mode}", collect=_taylor_collect(_mode), needs_calib=True, options=("grad_budget",))(_taylor_member(f"taylor_{_mode}"))
 
 
 # ---- activation statistics (Wanda, Minitron) ----------------------------------------------------

@@ -76,8 +76,10 @@ def runs(work: Path) -> dict[str, Result]:
     jobs: dict[str, tuple[list[str], bool]] = {
         "demo": (["demo", "-q", "--out", "out/demo"], False),
         "prune": (["prune", tiny, "--ratio", "0.2", "--criterion", "taylor_first", "--strategy", "all",
-                   "--calib", text, "--calib-samples", "2", "--seq-len", "32", "--out", "out/pruned", "-q"],
-                  False),
+                   "--calib", text, "--calib-samples", "2", "--seq-len", "32", "--out", "out/pruned", "-q",
+                   "--no-hf-loadable"], False),
+        "prune_default": (["prune", tiny, "--ratio", "0.2", "--criterion", "l2", "--strategy", "all", "--target",
+                           "params", "--out", "out/pruned_default", "-q"], False),
         "inspect": (["inspect", tiny, "-q"], False),
         "inspect_json": (["inspect", tiny, "--json", "-q"], False),
         "eval": (["eval", tiny, "--ppl", text, "--context-length", "32", "--max-tokens", "600"], False),
@@ -143,6 +145,23 @@ def test_prune_writes_reloadable_model_and_plan(runs, work):
     with torch.no_grad():
         logits = model(torch.arange(1, 17)[None]).logits
     assert logits.shape == (1, 16, 300) and torch.isfinite(logits).all()
+
+
+def test_prune_default_plan_is_plain_hf(runs, work):
+    """Issue 19: the CLI's default plan keeps the model loadable by plain from_pretrained and prints the
+    per-kind ratios; a per-layer (non-uniform) plan would need depgraph's own format."""
+    from transformers import AutoModelForCausalLM
+
+    r = runs["prune_default"]
+    assert r.returncode == 0, r
+    assert "plain from_pretrained: yes" in r.stdout, r.stdout
+    assert all(f"  {k}: " in r.stdout for k in "ABC"), r.stdout  # one line per kind
+    out = work / "out" / "pruned_default"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["hf_loadable"] is True and plan["plain_hf"] is True and set(plan["achieved"]) == {"A", "B", "C"}
+    assert abs(1 - plan["params_after"] / plan["params_before"] - 0.2) < 0.01
+    model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no depgraph involved
+    assert depgraph.count_parameters(model) == plan["params_after"]
 
 
 @pytest.mark.skipif(not HAVE_DOT, reason="Graphviz `dot` is not installed")

@@ -54,6 +54,7 @@ def test_quality_quick(tmp_path: Path, quick_model_cached: None) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
     assert "| method | structure | criterion | aggregation |" in text
+    assert "| A / B / C removed | plain HF |" in text  # issue 19: loadability and per-kind ratios per row
     assert "Perplexity, depgraph block-wise, 20% of parameters" in text
     assert "### all-MiniLM-L6-v2" in text
 
@@ -65,6 +66,8 @@ def test_quality_quick(tmp_path: Path, quick_model_cached: None) -> None:
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     for r in rows:
         assert abs(r["removed_pct"] - 20.0) < 2.0, r  # target="params" reached within a unit or two
+        assert isinstance(r["plain_hf"], bool) and set(r["kind_removed_pct"]) == {"A", "B", "C"}, r
+        assert r["plain_hf"] == (r["hf_reason"] is None), r
         assert r["ppl"] > llama["base"]["ppl"]
     random_ppl = next(r["ppl"] for r in rows if r["criterion"] == "random")
     best_ppl = min(r["ppl"] for r in rows if r["criterion"] != "random")
