@@ -22,6 +22,7 @@ from .graph import DependencyGraph, trace
 from .groups import Group, GroupKind, Member
 from .importance import criterion, member_scores, score
 from .pruner import Pruner, TargetReport, simulate_params
+from .reconstruct import ReconstructionReport, reconstruct
 from .sparsity import check_n_m, make_permanent, sensitivity, sparsify, storage_report
 
 __version__ = "0.1.0"
@@ -32,9 +33,9 @@ __all__ = [
     "RemovalReport", "block_importance", "depth", "find_blocks", "remove_layers", "remove_least_important",
     "ExpertRemovalReport", "ExpertSet", "expert_importance", "experts", "find_experts", "remove_experts",
     "remove_least_important_experts",
-    "Pruner", "TargetReport", "criterion", "importance", "member_scores", "pruner", "score", "simulate_params",
+    "Pruner", "ReconstructionReport", "TargetReport", "criterion", "importance", "member_scores", "pruner", "score", "simulate_params",
     "DepGraphError", "DependencyGraph", "Group", "GroupKind", "Member", "PruneError", "PruneReport",
     "TraceError", "UnsupportedModelError", "check_n_m", "count_parameters", "load_pretrained",
-    "make_permanent", "prune", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",
+    "make_permanent", "prune", "reconstruct", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",
     "validate_plan", "zero_mask",
 ]
