@@ -41,7 +41,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import importance
+from . import reconstruct as reconstruction
 from .cut import PruneReport, count_parameters
+from .errors import PruneError
 from .graph import DependencyGraph, trace
 from .groups import Group, GroupKind
 
@@ -173,6 +175,11 @@ class Pruner:
     cuts, each re-scoring the pruned model. ``structure``: ``"block"`` (A + B: MLP neurons and heads,
     LLM-Pruner's default), ``"channel"`` (C: hidden channels) or ``"all"``; ``kinds`` overrides it.
     Extra keyword ``options`` go to the criterion (e.g. ``grad_budget``).
+
+    ``reconstruct``: ``"lsq"`` or ``"bias"`` refits the layers reading the cut units on ``calib`` in the
+    same atomic cut (:func:`depgraph.reconstruct.reconstruct`; ``damp`` is its ridge term, also used by
+    ``criterion="obs"``); ``sequential=True`` does it decoder layer by decoder layer, and with
+    ``criterion="obs"`` re-chooses each layer's units (same counts) from the already pruned layers' outputs.
     """
 
     def __init__(self, model_or_graph: nn.Module | DependencyGraph,
@@ -180,7 +187,8 @@ class Pruner:
                  ratio: float = 0.2, target: str = "units", scope: str = "local", structure: str = "block",
                  kinds=None, skip_first: int = 0, skip_last: int = 0, round_to: int | None = None, steps: int = 1,
                  calib=None, seed: int = 0, progress: bool = True, normalize: str | None = "auto",
-                 loss_fn: Callable | None = None, example_inputs=None, **options):
+                 loss_fn: Callable | None = None, example_inputs=None, reconstruct: str | None = None,
+                 sequential: bool = False, damp: float = reconstruction.DEFAULT_DAMP, **options):
         if isinstance(model_or_graph, DependencyGraph):
             self.graph = model_or_graph
         else:
@@ -207,6 +215,17 @@ class Pruner:
                 raise ValueError(f"unknown criterion {criterion!r}; registered: {sorted(importance.CRITERIA)}")
             if importance.CRITERIA[criterion].needs_calib and calib is None:
                 raise ValueError(f"criterion {criterion!r} needs calib= (token ids [N, L] or a list of batches)")
+        if reconstruct is not None and reconstruct not in reconstruction.METHODS:
+            raise PruneError(f"reconstruct must be None or one of {reconstruction.METHODS}, got {reconstruct!r}")
+        if reconstruct is not None and calib is None:
+            raise PruneError(f"reconstruct={reconstruct!r} needs calib= (token ids [N, L] or a list of batches)")
+        if sequential and reconstruct is None:
+            raise PruneError("sequential=True reconstructs layer by layer: pass reconstruct='lsq' (or 'bias')")
+        if not (isinstance(damp, (int, float)) and damp > 0):
+            raise PruneError(f"damp must be a positive number, got {damp!r}")
+        self.reconstruct, self.sequential, self.damp = reconstruct, bool(sequential), float(damp)
+        if criterion == "obs":
+            options.setdefault("damp", self.damp)
         self.criterion = dict(criterion) if isinstance(criterion, Mapping) else criterion
         self.aggregate, self.ratio, self.target, self.scope = aggregate, float(ratio), target, scope
         self.normalize = ("mean" if scope == "global" else None) if normalize == "auto" else normalize
@@ -348,7 +367,16 @@ class Pruner:
         if self.step_index >= self.steps:
             raise RuntimeError(f"all {self.steps} steps are done")
         plan = self.plan() if plan is None else plan
-        report = self.graph.prune(plan)
+        if self.reconstruct is None:
+            report = self.graph.prune(plan)
+        else:
+            select = None
+            if self.sequential and self.criterion == "obs":
+                select = reconstruction.obs_select(self.graph, {g: len(list(u)) for g, u in plan.items()}, self.damp,
+                                                   float(self.options.get("obs_batch", 1 / 16)), self.aggregate)
+            report = reconstruction.reconstruct(self.graph, plan, self.calib, self.reconstruct, damp=self.damp,
+                                                sequential=self.sequential, progress=self.progress, select=select)
+            plan = report.plan
         if isinstance(self.criterion, dict):  # fixed scores follow the surviving units
             for g, units in plan.items():
                 if g in self.criterion:
