@@ -239,3 +239,25 @@ def test_obs_criterion_scores_consumers_only():
         assert per_member and all(m.role == "in" for m in per_member)
     with pytest.raises(ValueError, match="calibration"):
         depgraph.member_scores(graph, "obs", groups="A", progress=False)
+
+
+def test_cli_prune_reconstruct_obs_sequential(tmp_path):
+    import subprocess
+    import sys
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    args = [sys.executable, "-m", "depgraph", "prune", str(tmp_path / "model"), "--ratio", "0.3", "--target",
+            "params", "--criterion", "obs", "--reconstruct", "lsq", "--sequential", "--calib-samples", "4",
+            "--seq-len", "32", "--out", str(tmp_path / "out")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reconstruction (lsq" in done.stdout and "sequential" in done.stdout
+    import json
+
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["reconstruct"] == "lsq" and plan["sequential"] is True
+    model = depgraph.load_pretrained(tmp_path / "out")
+    assert depgraph.count_parameters(model) == plan["params_after"]
+    bad = subprocess.run(args[:5] + ["--sequential", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                         timeout=240)
+    assert bad.returncode == 2 and "--reconstruct" in bad.stderr
