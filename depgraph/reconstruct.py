@@ -263,7 +263,7 @@ def fit(W: torch.Tensor, b: torch.Tensor | None, stats: Hessian, removed: np.nda
         Hkk = H[keep][:, keep]
         diag = float(Hkk.diagonal().mean())
         lam = damp * diag if diag > 0 else 1.0
-        A = Hkk + lam * torch.eye(len(keep), dtype=H.dtype)
+        A = Hkk + lam * torch.eye(len(keep), dtype=H.dtype, device=H.device)
         R = W @ H[:, keep] + lam * plain
         L, info = torch.linalg.cholesky_ex(A)
         V = torch.cholesky_solve(R.T, L).T if int(info) == 0 else torch.linalg.lstsq(A, R.T).solution.T
@@ -347,20 +347,21 @@ def reconstruct(graph, plan: Mapping[Group, Iterable[int]], calib, method: str =
                 stage, plan = _reselect(graph, plan, stage, stats, select, report.skipped)
             for c in stage:
                 st = stats.get(c.name)
+                W = _as_rows(c.module)
                 if st is None or st.tokens == 0:
                     report.skipped.append(f"{c.name}: never ran on the calibration data")
-                    continue
-                W = _as_rows(c.module)
-                bias = getattr(c.module, "bias", None)
-                b = bias.detach().to(torch.float64) if isinstance(bias, torch.Tensor) else None
-                W2, b2, e_cut, e_fit = fit(W, b, st, c.removed, method, damp)
-                applied = e_fit < e_cut
-                report.fits.append(ConsumerFit(c.name, int(c.removed.size), e_cut, e_fit, applied))
-                if not applied:
-                    continue
-                put(c.module.weight, W2.T if c.in_dim == 0 else W2)
-                if b2 is not None:
-                    put(bias, b2)
+                    W2, b2, applied = W.clone(), None, False
+                    W2[:, torch.as_tensor(c.removed)] = 0
+                else:
+                    bias = getattr(c.module, "bias", None)
+                    b = bias.detach().to(torch.float64) if isinstance(bias, torch.Tensor) else None
+                    W2, b2, e_cut, e_fit = fit(W, b, st, c.removed, method, damp)
+                    applied = e_fit < e_cut
+                    report.fits.append(ConsumerFit(c.name, int(c.removed.size), e_cut, e_fit, applied))
+                if applied or sequential:  # sequential: later layers must see this layer's inputs cut
+                    put(c.module.weight, W2.T if c.in_dim == 0 else W2)
+                    if applied and b2 is not None:
+                        put(c.module.bias, b2)
         out = graph.prune(plan, verify=verify)
     except BaseException as exc:
         for param, data in reversed(saved):
@@ -411,7 +412,8 @@ def obs_scores(W: torch.Tensor, H: torch.Tensor, unit_of_index: np.ndarray, size
     H = H.to(torch.float64)
     diag = float(H.diagonal().mean())
     lam = damp * diag if diag > 0 else 1.0
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H + lam * torch.eye(H.shape[0], dtype=H.dtype)))
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H + lam * torch.eye(H.shape[0], dtype=H.dtype,
+                                                                             device=H.device)))
     cols = [np.flatnonzero(unit_of_index == u) for u in range(size)]
     alive = [u for u in range(size) if cols[u].size]
     scores = torch.zeros(size, dtype=torch.float32)
@@ -441,7 +443,8 @@ def obs_scores(W: torch.Tensor, H: torch.Tensor, unit_of_index: np.ndarray, size
             value = torch.tensor(float(cost[i]), dtype=torch.float32)
             last = torch.maximum(value, torch.nextafter(last, torch.tensor(math.inf)))
             scores[alive[i]] = last
-        alive = [u for j, u in enumerate(alive) if j not in set(pick)]
+        gone = set(pick)
+        alive = [u for j, u in enumerate(alive) if j not in gone]
     return scores
 
 
