@@ -160,9 +160,10 @@ def make_settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, [v for v in value.split(",") if v])
-    if args.criteria is not None:  # MiniLM too: the given criteria, each with its aggregations (or sum)
-        s.minilm_settings = [(c, a) for c in s.criteria for a in (
-            [a for cc, a in s.minilm_settings if cc == c] or ["sum"])]
+    if args.criteria is not None or args.aggregations is not None:  # MiniLM too: the given criteria and
+        crits = s.criteria if args.criteria is not None else list(dict.fromkeys(c for c, _ in s.minilm_settings))
+        s.minilm_settings = [(c, a) for c in crits for a in (  # aggregations (default: its own, or sum)
+            [a for cc, a in s.minilm_settings if cc == c] or ["sum"]) if args.aggregations is None or a in s.aggregations]
     if args.ratios is not None:
         s.ratios = [float(r) for r in args.ratios.split(",")]
     for name in ("eval_tokens", "calib_samples", "recovery_steps", "minilm_sentences"):
