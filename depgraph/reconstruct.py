@@ -178,17 +178,22 @@ def collect_hessians(model: nn.Module, names: Iterable[str], batches: list, prog
     """``H = sum x xᵀ`` (float64) of the input of each named ``nn.Linear``/``Conv1D`` over ``batches``.
 
     ``stop_early``: end each forward as soon as every named layer has run once (the rest of the model
-    is not needed); only right for layers that run once per forward.
+    is not needed); only right for layers that run once per forward. A batch given as a dict with an
+    ``attention_mask`` ``[B, L]`` contributes only its unmasked positions (padding is not data).
     """
     modules = dict(model.named_modules())
     names = list(names)
     stats: dict[str, Hessian] = {}
     seen: set[str] = set()
+    current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook(name: str):
         def fn(_module, args, kwargs) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
+            mask = current["mask"]
+            if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.to(x.device)]
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
             st = stats.get(name)
             if st is None:
                 n = x.shape[-1]
@@ -210,6 +215,8 @@ def collect_hessians(model: nn.Module, names: Iterable[str], batches: list, prog
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibration", disable=not progress, leave=False):
                 seen.clear()
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                current["mask"] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
                 try:
                     importance.forward_batch(model, importance.to_device(batch, device))
                 except _Stop:

@@ -261,3 +261,28 @@ def test_cli_prune_reconstruct_obs_sequential(tmp_path):
     bad = subprocess.run(args[:5] + ["--sequential", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
                          timeout=240)
     assert bad.returncode == 2 and "--reconstruct" in bad.stderr
+
+
+def test_padding_is_not_calibration_data():
+    """Positions masked out by a batch's attention_mask do not enter H (padding is not data)."""
+    from torch import nn
+
+    from depgraph.reconstruct import collect_hessians
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.lin(self.emb(input_ids))
+
+    torch.manual_seed(0)
+    model = Toy()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    stats = collect_hessians(model, ["lin"], [batch])["lin"]
+    x = model.emb.weight.detach().double()[torch.tensor([1, 2, 3, 4, 5])]
+    assert stats.tokens == 5
+    assert torch.allclose(stats.H, x.T @ x) and torch.allclose(stats.s, x.sum(0))
