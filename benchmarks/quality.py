@@ -132,6 +132,7 @@ class Settings:
     skip: list[str] = field(default_factory=list)
     reconstruct: list[str] = field(default_factory=lambda: ["none"])
     cells: list[tuple[str, float]] | None = None  # only these (structure, budget) cells; None: the whole grid
+    damp: float = 0.01  # reconstruction's ridge term, relative to mean(diag H)
 
 
 def make_settings(args: argparse.Namespace) -> Settings:
@@ -174,6 +175,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
     s.threads, s.cache_dir, s.seed = args.threads, args.cache_dir, args.seed
     s.skip = [v for v in (args.skip or "").split(",") if v]
     s.reconstruct = [v for v in (args.reconstruct or ",".join(s.reconstruct)).split(",") if v]
+    s.damp = args.damp
     if args.rows:
         s.cells = [(c.split("@")[0], float(c.split("@")[1])) for c in args.rows.split(",") if c]
         s.structures = list(dict.fromkeys(st for st, _ in s.cells))
@@ -322,7 +324,7 @@ def setup_llama(s: Settings) -> LlamaBench:
 
 def fixed_plan_pruner(graph: depgraph.DependencyGraph, per_group: dict[int, torch.Tensor], structure: str,
                       ratio: float, recon: str = "none", calib: Any = None, criterion: str | None = None,
-                      ) -> tuple[depgraph.DependencyGraph, depgraph.PruneReport, float]:
+                      damp: float = 0.01) -> tuple[depgraph.DependencyGraph, depgraph.PruneReport, float]:
     """Copy ``graph`` (and its model), prune it with fixed per-group scores (by group index); time the cut.
 
     ``recon`` (one of ``RECONSTRUCT``) refits the cut layers on ``calib``; ``"lsq-seq"`` with
@@ -337,7 +339,7 @@ def fixed_plan_pruner(graph: depgraph.DependencyGraph, per_group: dict[int, torc
     crit: Any = "obs" if sequential and criterion == "obs" else fixed
     t = time.perf_counter()
     report = depgraph.Pruner(g2, criterion=crit, ratio=ratio, target="params", kinds=sorted(k.value for k in kinds),
-                             progress=False, reconstruct=method, sequential=sequential,
+                             progress=False, reconstruct=method, sequential=sequential, damp=damp,
                              calib=calib if method else None).prune()
     return g2, report, time.perf_counter() - t
 
@@ -385,7 +387,7 @@ def run_depgraph_grid(bench: LlamaBench, rows: list[dict], best: dict[Any, tuple
                           "budget": ratio, "reconstruct": recon}
                 try:
                     g2, report, cut_s = fixed_plan_pruner(graph, per_group, structure, ratio, recon, bench.calib,
-                                                          crit)
+                                                          crit, s.damp)
                     row = bench.row(g2.model, **fields, score_s=score_s, prune_s=score_s + cut_s,
                                     target=str(report.target))
                 except Exception as exc:
@@ -757,7 +759,8 @@ def run_minilm(s: Settings) -> dict[str, Any]:
                 if s.cells is not None and ratio not in [b for _, b in s.cells]:
                     continue
                 total_ratio = ratio * encoder / total
-                g2, report, cut_s = fixed_plan_pruner(graph, per_group, "block", total_ratio, recon, calib, crit)
+                g2, report, cut_s = fixed_plan_pruner(graph, per_group, "block", total_ratio, recon, calib, crit,
+                                                      s.damp)
                 t = time.perf_counter()
                 n = param_count(g2.model)
                 agree = embedding_agreement(ref, sentence_embeddings(g2.model, tok, sents))
@@ -1055,6 +1058,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", default=None, help="comma list of llama,depth,sparse,tp,recovery,minilm")
     parser.add_argument("--reconstruct", default=None,
                         help=f"comma list of {','.join(RECONSTRUCT)}: depgraph rows with each (default: none)")
+    parser.add_argument("--damp", type=float, default=0.01, help="reconstruction ridge term (default 0.01)")
     parser.add_argument("--rows", default=None,
                         help="only these structure@budget cells, e.g. block@0.2,mlp@0.2,block@0.5,channel@0.2 "
                              "(sets --structures/--ratios; MiniLM runs the budgets)")
