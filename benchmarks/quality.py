@@ -25,6 +25,10 @@ Rows (tiny Llama; every one is a fresh copy of the same trained model):
   once on the unpruned model and folded with each aggregation, then handed to ``depgraph.Pruner`` as
   fixed scores: the same plan ``Pruner(criterion=name)`` makes in one step (checked once per run:
   ``meta.fixed_score_check``). ``random`` ranks identically under every aggregation, so it has one row.
+* reconstruction (``--reconstruct none,lsq,bias,lsq-seq``): the same plans cut with
+  ``depgraph.reconstruct`` (the layers reading the cut units refitted on the calibration windows), beside
+  the plain cut; ``--rows block@0.2,mlp@0.2`` runs only those structure@budget cells, ``--damp`` sets the
+  ridge term. The report adds a table with each variant side by side and Torch-Pruning's row of the cell.
 * depgraph depth pruning: ``depgraph.depth.block_importance`` (1 - cos(in, out)) and removal of the
   nearest whole number of blocks to each budget.
 * Torch-Pruning (``MagnitudeImportance(p=2)``, ``TaylorImportance()``), each run in a child process with
