@@ -25,6 +25,10 @@ Rows (tiny Llama; every one is a fresh copy of the same trained model):
   once on the unpruned model and folded with each aggregation, then handed to ``depgraph.Pruner`` as
   fixed scores: the same plan ``Pruner(criterion=name)`` makes in one step (checked once per run:
   ``meta.fixed_score_check``). ``random`` ranks identically under every aggregation, so it has one row.
+* reconstruction (``--reconstruct none,lsq,bias,lsq-seq``): the same plans cut with
+  ``depgraph.reconstruct`` (the layers reading the cut units refitted on the calibration windows), beside
+  the plain cut; ``--rows block@0.2,mlp@0.2`` runs only those structure@budget cells, ``--damp`` sets the
+  ridge term. The report adds a table with each variant side by side and Torch-Pruning's row of the cell.
 * depgraph depth pruning: ``depgraph.depth.block_importance`` (1 - cos(in, out)) and removal of the
   nearest whole number of blocks to each budget.
 * Torch-Pruning (``MagnitudeImportance(p=2)``, ``TaylorImportance()``), each run in a child process with
@@ -83,7 +87,11 @@ from depgraph.groups import GroupKind  # noqa: E402
 from depgraph.importance import combine, member_scores  # noqa: E402
 from depgraph.pruner import STRUCTURES  # noqa: E402
 
-CRITERIA = ("random", "l1", "l2", "taylor_vector", "taylor_first", "taylor_second", "wanda", "activation")
+CRITERIA = ("random", "l1", "l2", "taylor_vector", "taylor_first", "taylor_second", "wanda", "activation", "obs")
+# calibration reconstruction of the cut layers (depgraph.reconstruct): "none" is the plain cut; "lsq"/"bias"
+# refit the layers reading the cut units on the same plan; "lsq-seq" does it decoder layer by decoder layer
+# (with criterion obs it also re-chooses each layer's units from the already pruned layers' outputs)
+RECONSTRUCT = ("none", "lsq", "bias", "lsq-seq")
 AGGREGATIONS = ("sum", "product", "max", "last", "mean")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GRAD_BUDGET = 1 << 40  # one set of calibration passes for Taylor (the model is tiny)
@@ -127,6 +135,9 @@ class Settings:
     threads: int = 1
     cache_dir: str | None = None
     skip: list[str] = field(default_factory=list)
+    reconstruct: list[str] = field(default_factory=lambda: ["none"])
+    cells: list[tuple[str, float]] | None = None  # only these (structure, budget) cells; None: the whole grid
+    damp: float = 0.01  # reconstruction's ridge term, relative to mean(diag H)
 
 
 def make_settings(args: argparse.Namespace) -> Settings:
@@ -155,6 +166,10 @@ def make_settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, [v for v in value.split(",") if v])
+    if args.criteria is not None or args.aggregations is not None:  # MiniLM too: the given criteria and
+        crits = s.criteria if args.criteria is not None else list(dict.fromkeys(c for c, _ in s.minilm_settings))
+        s.minilm_settings = [(c, a) for c in crits for a in (  # aggregations (default: its own, or sum)
+            [a for cc, a in s.minilm_settings if cc == c] or ["sum"]) if args.aggregations is None or a in s.aggregations]
     if args.ratios is not None:
         s.ratios = [float(r) for r in args.ratios.split(",")]
     for name in ("eval_tokens", "calib_samples", "recovery_steps", "minilm_sentences"):
@@ -164,7 +179,14 @@ def make_settings(args: argparse.Namespace) -> Settings:
         s.tp_heads_timeout = args.tp_heads_timeout
     s.threads, s.cache_dir, s.seed = args.threads, args.cache_dir, args.seed
     s.skip = [v for v in (args.skip or "").split(",") if v]
+    s.reconstruct = [v for v in (args.reconstruct or ",".join(s.reconstruct)).split(",") if v]
+    s.damp = args.damp
+    if args.rows:
+        s.cells = [(c.split("@")[0], float(c.split("@")[1])) for c in args.rows.split(",") if c]
+        s.structures = list(dict.fromkeys(st for st, _ in s.cells))
+        s.ratios = list(dict.fromkeys(r for _, r in s.cells))
     bad = [c for c in s.criteria if c not in CRITERIA] + [a for a in s.aggregations if a not in AGGREGATIONS]
+    bad += [r for r in s.reconstruct if r not in RECONSTRUCT]
     if bad:
         raise SystemExit(f"unknown criteria/aggregations: {bad}")
     return s
@@ -326,15 +348,24 @@ def setup_llama(s: Settings) -> LlamaBench:
 
 
 def fixed_plan_pruner(graph: depgraph.DependencyGraph, per_group: dict[int, torch.Tensor], structure: str,
-                      ratio: float) -> tuple[depgraph.DependencyGraph, depgraph.PruneReport, float]:
-    """Copy ``graph`` (and its model), prune it with fixed per-group scores (by group index); time the cut."""
+                      ratio: float, recon: str = "none", calib: Any = None, criterion: str | None = None,
+                      damp: float = 0.01) -> tuple[depgraph.DependencyGraph, depgraph.PruneReport, float]:
+    """Copy ``graph`` (and its model), prune it with fixed per-group scores (by group index); time the cut.
+
+    ``recon`` (one of ``RECONSTRUCT``) refits the cut layers on ``calib``; ``"lsq-seq"`` with
+    ``criterion="obs"`` runs ``Pruner(criterion="obs", sequential=True)`` (units re-chosen layer by layer).
+    """
     g2 = copy.deepcopy(graph)
     kinds = {GroupKind(k) for k in STRUCT_KINDS[structure]}
     groups = g2.groups()
     fixed = {groups[i]: s for i, s in per_group.items() if groups[i].kind in kinds}
+    method = None if recon == "none" else recon.split("-")[0]
+    sequential = recon.endswith("-seq")
+    crit: Any = "obs" if sequential and criterion == "obs" else fixed
     t = time.perf_counter()
-    report = depgraph.Pruner(g2, criterion=fixed, ratio=ratio, target="params", kinds=sorted(k.value for k in kinds),
-                             progress=False).prune()
+    report = depgraph.Pruner(g2, criterion=crit, ratio=ratio, target="params", kinds=sorted(k.value for k in kinds),
+                             progress=False, reconstruct=method, sequential=sequential, damp=damp,
+                             calib=calib if method else None).prune()
     return g2, report, time.perf_counter() - t
 
 
@@ -372,25 +403,29 @@ def run_depgraph_grid(bench: LlamaBench, rows: list[dict], best: dict[Any, tuple
         aggs = ["sum"] if crit == "random" else s.aggregations
         for agg in aggs:
             per_group = {i: combine(scores[g], agg) for i, g in enumerate(graph.groups()) if scores[g]}
-            for structure in s.structures:
-                for ratio in s.ratios:
-                    fields = {"section": "depgraph", "method": "depgraph", "structure": structure,
-                              "criterion": crit, "aggregation": "any" if crit == "random" else agg,
-                              "budget": ratio}
-                    try:
-                        g2, report, cut_s = fixed_plan_pruner(graph, per_group, structure, ratio)
-                        row = bench.row(g2.model, **fields, score_s=score_s, prune_s=score_s + cut_s,
-                                        target=str(report.target))
-                    except Exception as exc:
-                        row = {**fields, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
-                        traceback.print_exc()
-                    rows.append(row)
-                    log(f"depgraph {structure} {crit}/{agg} @{ratio:.0%}: ppl {row.get('ppl', float('nan')):.3f} "
-                        f"params -{row.get('removed_pct', float('nan')):.1f}% ({row.get('eval_s', 0):.1f}s eval)")
-                    if row["status"] == "ok":
-                        for key in (ratio, (structure, ratio)):  # overall and per structure
-                            if key not in best or row["ppl"] < best[key][0]:
-                                best[key] = (row["ppl"], g2.model, row)
+            for structure, ratio, recon in ((st, r, rc) for st in s.structures for r in s.ratios
+                                            for rc in s.reconstruct):
+                if s.cells is not None and (structure, ratio) not in s.cells:
+                    continue
+                fields = {"section": "depgraph", "method": "depgraph", "structure": structure,
+                          "criterion": crit, "aggregation": "any" if crit == "random" else agg,
+                          "budget": ratio, "reconstruct": recon}
+                try:
+                    g2, report, cut_s = fixed_plan_pruner(graph, per_group, structure, ratio, recon, bench.calib,
+                                                          crit, s.damp)
+                    row = bench.row(g2.model, **fields, score_s=score_s, prune_s=score_s + cut_s,
+                                    target=str(report.target))
+                except Exception as exc:
+                    row = {**fields, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+                    traceback.print_exc()
+                rows.append(row)
+                log(f"depgraph {structure} {crit}/{agg} @{ratio:.0%} recon={recon}: ppl "
+                    f"{row.get('ppl', float('nan')):.3f} params -{row.get('removed_pct', float('nan')):.1f}% "
+                    f"({row.get('prune_s', 0):.1f}s prune, {row.get('eval_s', 0):.1f}s eval)")
+                if row["status"] == "ok":
+                    for key in (ratio, (structure, ratio)):  # overall and per structure
+                        if key not in best or row["ppl"] < best[key][0]:
+                            best[key] = (row["ppl"], g2.model, row)
     if param_count(graph.model) != bench.params:
         raise RuntimeError("the traced base model changed while pruning copies: the copies share parameters")
     return verdict
@@ -745,20 +780,24 @@ def run_minilm(s: Settings) -> dict[str, Any]:
         score_s = time.perf_counter() - t
         for agg in aggs:
             per_group = {i: combine(scores[g], agg) for i, g in enumerate(graph.groups()) if scores[g]}
-            for ratio in s.ratios:
+            for ratio, recon in ((r, rc) for r in s.ratios for rc in s.reconstruct):
+                if s.cells is not None and ratio not in [b for _, b in s.cells]:
+                    continue
                 total_ratio = ratio * encoder / total
-                g2, report, cut_s = fixed_plan_pruner(graph, per_group, "block", total_ratio)
+                g2, report, cut_s = fixed_plan_pruner(graph, per_group, "block", total_ratio, recon, calib, crit,
+                                                      s.damp)
                 t = time.perf_counter()
                 n = param_count(g2.model)
                 agree = embedding_agreement(ref, sentence_embeddings(g2.model, tok, sents))
                 row = {"section": "minilm", "method": "depgraph", "structure": "block", "criterion": crit,
-                       "aggregation": "any" if crit == "random" else agg, "budget": ratio, "params": n,
+                       "aggregation": "any" if crit == "random" else agg, "reconstruct": recon, "budget": ratio,
+                       "params": n,
                        "removed_pct": 100.0 * (1 - n / total),
                        "removed_encoder_pct": 100.0 * (total - n) / encoder, **costs(g2.model), **agree,
                        "score_s": score_s, "prune_s": score_s + cut_s, "status": "ok"}
                 row["eval_s"] = time.perf_counter() - t
                 rows.append(row)
-                log(f"MiniLM {crit}/{agg} @{ratio:.0%} of encoder: cos {agree['mean_cosine']:.4f} "
+                log(f"MiniLM {crit}/{agg} @{ratio:.0%} of encoder recon={recon}: cos {agree['mean_cosine']:.4f} "
                     f"spearman {agree['spearman']:.4f}")
     return {"params": total, "embedding_params": embed, "encoder_params": encoder, "sentences": len(sents),
             "calib_sentences": len(calib_sents), "macs": costs.base_macs, "rows": rows,
@@ -782,23 +821,24 @@ def _table(header: Sequence[str], body: list[Sequence[str]]) -> str:
 
 
 def llama_table(rows: list[dict], base: dict) -> str:
-    header = ["method", "structure", "criterion", "aggregation", "budget", "params (removed)", "A / B / C removed",
-              "plain HF", "non-zeros", "MACs (% of base)", "latency × base", "ppl", "time s", "note"]
-    body = [["unpruned", "-", "-", "-", "-", f"{base['params']:,} (0.0%)", "-", "yes", "-",
+    header = ["method", "structure", "criterion", "aggregation", "reconstruct", "budget", "params (removed)",
+              "A / B / C removed", "plain HF", "non-zeros", "MACs (% of base)", "latency × base", "ppl", "time s",
+              "note"]
+    body = [["unpruned", "-", "-", "-", "-", "-", f"{base['params']:,} (0.0%)", "-", "yes", "-",
              f"{base['macs']:,} (100%)", "1.00", _f(base["ppl"]), "-", ""]]
     for r in rows:
         if r.get("status") != "ok":
             body.append([r.get("method", ""), r.get("structure", "-"), r.get("criterion", ""),
-                         r.get("aggregation", "-"), _f(r.get("budget"), "{:.0%}"), "-", "-", "-", "-", "-", "-",
-                         f"**{r['status']}**", "-", r.get("error", "")[:400]])
+                         r.get("aggregation", "-"), r.get("reconstruct", "-"), _f(r.get("budget"), "{:.0%}"),
+                         "-", "-", "-", "-", "-", "-", f"**{r['status']}**", "-", r.get("error", "")[:400]])
             continue
         nz = f"{r['nonzero_pct']:.1f}% (sparse)" if "nonzero_pct" in r else "-"
         kinds = r.get("kind_removed_pct")
         kinds_text = " / ".join(f"{kinds[k]:.0f}%" for k in "ABC") if kinds else "-"
         plain = "-" if "plain_hf" not in r else ("yes" if r["plain_hf"] else "no")
-        body.append([r["method"], r["structure"], r["criterion"], r["aggregation"], _f(r["budget"], "{:.0%}"),
-                     f"{r['params']:,} ({r['removed_pct']:.1f}%)", kinds_text, plain, nz,
-                     f"{r['macs']:,} ({r['macs_pct']:.1f}%)", _f(r["latency_rel"], "{:.2f}"), _f(r["ppl"]),
+        body.append([r["method"], r["structure"], r["criterion"], r["aggregation"], r.get("reconstruct", "-"),
+                     _f(r["budget"], "{:.0%}"), f"{r['params']:,} ({r['removed_pct']:.1f}%)", kinds_text, plain,
+                     nz, f"{r['macs']:,} ({r['macs_pct']:.1f}%)", _f(r["latency_rel"], "{:.2f}"), _f(r["ppl"]),
                      _f(r.get("prune_s"), "{:.1f}"), r.get("note", "")])
     return _table(header, body)
 
@@ -810,7 +850,7 @@ def pivot_tables(rows: list[dict], s: Settings) -> str:
         for ratio in s.ratios:
             sel = {(r["criterion"], r["aggregation"]): r for r in rows
                    if r.get("section") == "depgraph" and r.get("status") == "ok" and r["structure"] == structure
-                   and r["budget"] == ratio}
+                   and r["budget"] == ratio and r.get("reconstruct", "none") == "none"}
             if not sel:
                 continue
             body = []
@@ -829,13 +869,41 @@ def pivot_tables(rows: list[dict], s: Settings) -> str:
     return "\n\n".join(out)
 
 
+def reconstruction_table(rows: list[dict], s: Settings, base_ppl: float) -> str:
+    """Perplexity per (structure, budget, criterion/aggregation) with each reconstruction variant side by
+    side, the ratio of the best to the unpruned model, and Torch-Pruning's rows of the same cell."""
+    cells: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("section") == "depgraph" and r.get("status") == "ok":
+            key = (r["structure"], r["budget"], f"{r['criterion']}/{r['aggregation']}")
+            cells.setdefault(key, {})[r.get("reconstruct", "none")] = r["ppl"]
+    tp_struct = {"block": "block (heads+MLP)", "mlp": "MLP only", "channel": "channel"}
+    tp: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r.get("section") == "tp" and r.get("status") == "ok":
+            for st, label in tp_struct.items():
+                if r["structure"] == label:
+                    tp.setdefault((st, r["budget"]), []).append(f"{r['criterion']} {r['ppl']:.3f}")
+    if not any(len(v) > 1 or "none" not in v for v in cells.values()):
+        return ""
+    body = []
+    for (st, budget, crit), by in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        vals = [by.get(v) for v in s.reconstruct]
+        best = min(v for v in vals if v is not None)
+        body.append([st, _f(budget, "{:.0%}"), crit, *[_f(v) for v in vals], f"{best / base_ppl:.3f}",
+                     "; ".join(tp.get((st, budget), [])) or "-"])
+    return _table(["structure", "budget", "criterion/aggregation", *[f"ppl {v}" for v in s.reconstruct],
+                   "best ÷ unpruned", "Torch-Pruning"], body)
+
+
 def aggregation_summary(rows: list[dict], s: Settings) -> list[dict]:
     """Per scope (every structure, then each one) and aggregation: wins (ties count for each tied
     aggregation), mean rank, geometric-mean perplexity and its ratio to ``sum``, over the
     (criterion except random, structure, budget) cells that have every aggregation."""
     cells: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        if r.get("section") == "depgraph" and r.get("status") == "ok" and r["criterion"] != "random":
+        if (r.get("section") == "depgraph" and r.get("status") == "ok" and r["criterion"] != "random"
+                and r.get("reconstruct", "none") == "none"):
             cells.setdefault((r["criterion"], r["structure"], r["budget"]), {})[r["aggregation"]] = r["ppl"]
     out = []
     for scope in ["all", *s.structures]:
@@ -867,12 +935,13 @@ def recovery_table(entries: list[dict]) -> str:
 def minilm_table(mini: dict) -> str:
     body = [["unpruned", "-", "-", f"{mini['params']:,} (0.0% / 0.0%)", f"{mini['macs']:,} (100%)", "1.00",
              "1.0000", "1.0000", "-"]]
+    body[0].insert(2, "-")
     for r in mini["rows"]:
-        body.append([r["criterion"], r["aggregation"], _f(r["budget"], "{:.0%}"),
+        body.append([r["criterion"], r["aggregation"], r.get("reconstruct", "none"), _f(r["budget"], "{:.0%}"),
                      f"{r['params']:,} ({r['removed_encoder_pct']:.1f}% / {r['removed_pct']:.1f}%)",
                      f"{r['macs']:,} ({r['macs_pct']:.1f}%)", _f(r["latency_rel"], "{:.2f}"),
                      _f(r["mean_cosine"], "{:.4f}"), _f(r["spearman"], "{:.4f}"), _f(r["prune_s"], "{:.1f}")])
-    return _table(["criterion", "aggregation", "budget (of encoder)", "params (removed: encoder / total)",
+    return _table(["criterion", "aggregation", "reconstruct", "budget (of encoder)", "params (removed: encoder / total)",
                    "MACs", "latency × base", "mean cosine", "Spearman", "time s"], body)
 
 
@@ -902,6 +971,10 @@ def render(result: dict[str, Any], s: Settings) -> str:
                 ["structures", "aggregation", "cells", "wins", "mean rank", "geo-mean ppl", "ppl ÷ sum (geo-mean)"],
                 [[a["scope"], a["aggregation"], a["cells"], a["wins"], _f(a["mean_rank"], "{:.2f}"),
                   _f(a["geo_mean_ppl"]), _f(a["geo_mean_ppl_vs_sum"], "{:.3f}")] for a in agg]) + "\n")
+        recon = reconstruction_table(llama["rows"], s, b["ppl"])
+        if recon:
+            parts.append("Reconstruction (depgraph.reconstruct; same plan per row, same parameter count):\n\n"
+                         + recon + "\n")
         parts.append("All rows:\n\n" + llama_table(llama["rows"], b) + "\n")
         if llama.get("best"):
             parts.append("Best per budget: " + "; ".join(
@@ -1010,6 +1083,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recovery-steps", type=int, default=None)
     parser.add_argument("--minilm-sentences", type=int, default=None)
     parser.add_argument("--skip", default=None, help="comma list of llama,depth,sparse,tp,recovery,minilm")
+    parser.add_argument("--reconstruct", default=None,
+                        help=f"comma list of {','.join(RECONSTRUCT)}: depgraph rows with each (default: none)")
+    parser.add_argument("--damp", type=float, default=0.01, help="reconstruction ridge term (default 0.01)")
+    parser.add_argument("--rows", default=None,
+                        help="only these structure@budget cells, e.g. block@0.2,mlp@0.2,block@0.5,channel@0.2 "
+                             "(sets --structures/--ratios; MiniLM runs the budgets)")
     parser.add_argument("--tp-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tp_worker:

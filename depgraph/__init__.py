@@ -23,6 +23,7 @@ from .groups import Group, GroupKind, Member
 from .importance import criterion, member_scores, score
 from .optim import cut_optimizer_state
 from .pruner import KindResult, Pruner, TargetReport, simulate_params
+from .reconstruct import ReconstructionReport, reconstruct
 from .sparsity import check_n_m, make_permanent, sensitivity, sparsify, storage_report
 from .transaction import EditReport, Transaction, count_parameters
 
@@ -34,12 +35,12 @@ __all__ = [
     "RemovalReport", "block_importance", "depth", "find_blocks", "remove_layers", "remove_least_important",
     "ExpertRemovalReport", "ExpertSet", "expert_importance", "experts", "find_experts", "remove_experts",
     "remove_least_important_experts",
-    "KindResult", "PlanError", "Pruner", "TargetReport", "criterion", "importance", "member_scores", "pruner",
+    "KindResult", "PlanError", "Pruner", "ReconstructionReport", "TargetReport", "criterion", "importance", "member_scores", "pruner",
     "score", "simulate_params",
     "CalibrationError", "calibration", "cut_optimizer_state", "data", "optim",
     "DepGraphError", "DependencyGraph", "EditReport", "Transaction", "Group", "GroupKind", "Member", "PruneError",
     "PruneReport",
     "TraceError", "UnsupportedModelError", "check_n_m", "count_parameters", "load_pretrained",
-    "make_permanent", "prune", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",
+    "make_permanent", "prune", "reconstruct", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",
     "validate_plan", "zero_mask",
 ]

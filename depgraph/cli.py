@@ -373,7 +373,9 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
     start = time.perf_counter()
-    needs_calib = importance.CRITERIA[args.criterion].needs_calib
+    needs_calib = importance.CRITERIA[args.criterion].needs_calib or args.reconstruct is not None
+    if args.sequential and args.reconstruct is None:
+        raise CLIError("--sequential reconstructs layer by layer: add --reconstruct lsq (or bias)")
     with console.stages("prune", ["load", "trace", "calibration", "score and cut", "save"]) as stage:
         stage("load")
         model = _load(spec, need_weights=True)
@@ -394,17 +396,21 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
                         structure=args.strategy, skip_first=args.skip_first, skip_last=args.skip_last,
                         round_to=args.round_to, head_round_to=args.head_round_to, steps=args.steps,
                         calib=calib, seed=args.seed, progress=not console.quiet, hf_loadable=hf_loadable,
-                        allow_partial=args.allow_partial)
+                        allow_partial=args.allow_partial, reconstruct=args.reconstruct,
+                        sequential=args.sequential)
+        if not pruner.groups:
+            raise CLIError(f"no group to prune: strategy {args.strategy!r} with --skip-first "
+                           f"{args.skip_first} --skip-last {args.skip_last} selects none ({graph!r})", 1)
         before = {id(g): g.size for g in pruner.groups}
         alive = {id(g): list(range(g.size)) for g in pruner.groups}  # current unit id -> original unit id
         removed: dict[int, list[int]] = {id(g): [] for g in pruner.groups}
         for _ in range(args.steps):
             plan = pruner.plan()
+            plan = getattr(pruner.step(plan), "plan", plan)  # sequential obs re-chooses units layer by layer
             for group, units in plan.items():
                 gone = set(units)
                 removed[id(group)].extend(alive[id(group)][u] for u in units)
                 alive[id(group)] = [o for u, o in enumerate(alive[id(group)]) if u not in gone]
-            pruner.step(plan)
         target = pruner.history[-1].target if pruner.history else None
         stage("save")
         _save(model, out)
@@ -417,6 +423,7 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
             "target": args.target, "skip_first": args.skip_first, "skip_last": args.skip_last,
             "round_to": args.round_to, "head_round_to": args.head_round_to, "kind_ratios": args.kind_ratios,
             "hf_loadable": hf_loadable, "steps": args.steps, "seed": args.seed, "calibration": calib_about,
+            "reconstruct": args.reconstruct, "sequential": args.sequential,
             "params_before": pruner.params_before, "params_after": params_after,
             "achieved": {k: r.ratio for k, r in target.kinds.items()} if target is not None else {},
             "plain_hf": target.hf_reason is None if target is not None else None,
@@ -436,6 +443,9 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
                 f"({args.strategy}, {args.scope}, {args.criterion}/{args.aggregate})")
     if target is not None:
         console.say(str(target))  # per-kind ratios, notes, and whether plain from_pretrained loads it
+    for report in pruner.history:
+        if getattr(report, "reconstruction", None) is not None:
+            console.say(str(report.reconstruction))
     console.say(f"parameters: {pruner.params_before:,} -> {params_after:,} "
                 f"({1 - params_after / max(pruner.params_before, 1):.2%} removed)")
     console.say(f"time: {took:.1f} s")
@@ -740,6 +750,12 @@ def build_parser() -> argparse.ArgumentParser:
     number(p, "--calib-samples", 1, 8, "calibration windows (default 8)")
     number(p, "--seq-len", 2, 128, "tokens per calibration window (default 128)", metavar="L")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of calibration and random scores")
+    p.add_argument("--reconstruct", choices=["lsq", "bias"], default=None,
+                   help="refit the layers reading the cut units on the calibration data (lsq: least squares; "
+                   "bias: bias compensation)")
+    p.add_argument("--sequential", action="store_true",
+                   help="with --reconstruct: decoder layer by decoder layer (with --criterion obs, re-choose "
+                   "each layer's units)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
     p = command("render", "draw the dependency graph (SVG/PNG/PDF/DOT) and an HTML report", cmd_render)

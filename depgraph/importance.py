@@ -65,9 +65,9 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None  # type: ignore[assignment,misc]
 
 __all__ = [
-    "AGGREGATIONS", "CRITERIA", "NORMALIZATIONS", "ScoreContext", "causal_lm_loss", "combine",
-    "criterion", "input_statistics", "member_scores", "normalize_scores", "ranking", "reduce_member", "score",
-    "taylor_statistics",
+    "AGGREGATIONS", "CRITERIA", "MATMUL_LAYERS", "NORMALIZATIONS", "ScoreContext",
+    "causal_lm_loss", "combine", "criterion", "input_dim", "input_statistics",
+    "member_scores", "normalize_scores", "ranking", "reduce_member", "score", "taylor_statistics",
 ]
 
 AGGREGATIONS = ("sum", "mean", "max", "product", "last")
@@ -577,3 +577,9 @@ def ranking(scores: torch.Tensor) -> np.ndarray:
     """Unit ids from least to most important (stable: ties keep unit order, so results are deterministic)."""
     return np.argsort(scores.double().numpy(), kind="stable")
 
+
+
+# ---- shared with the other calibration passes (depgraph.reconstruct) ------------------------------
+
+MATMUL_LAYERS = _MATMUL
+input_dim = _input_dim

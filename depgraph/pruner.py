@@ -54,6 +54,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibration, importance
+from . import reconstruct as reconstruction
 from .checkpoint import plain_hf_reason
 from .cut import PruneReport, count_parameters, validate_plan
 from .errors import PlanError, PruneError
@@ -333,7 +334,8 @@ def _check_choice(name: str, value, choices) -> Any:
 
 PRUNER_KEYWORDS = ("criterion", "aggregate", "ratio", "target", "scope", "structure", "kinds", "skip_first",
                    "skip_last", "round_to", "head_round_to", "steps", "calib", "seed", "progress", "normalize",
-                   "loss_fn", "example_inputs", "hf_loadable", "allow_partial")
+                   "loss_fn", "example_inputs", "hf_loadable", "allow_partial", "reconstruct", "sequential",
+                   "damp")
 
 
 class Pruner:
@@ -349,7 +351,11 @@ class Pruner:
     ``"block"`` (A + B: MLP neurons and heads, LLM-Pruner's default), ``"channel"`` (C: hidden channels) or
     ``"all"``; ``kinds`` overrides it. ``round_to`` rounds widths (A, C), ``head_round_to`` heads (B).
     ``allow_partial``: cut as far as possible when the target is out of reach instead of refusing.
-    ``hf_loadable``: only plans whose result plain ``from_pretrained`` loads. Extra keyword ``options``
+    ``hf_loadable``: only plans whose result plain ``from_pretrained`` loads.
+    ``reconstruct``: ``"lsq"`` or ``"bias"`` refits the layers reading the cut units on ``calib`` in the
+    same atomic cut (:func:`depgraph.reconstruct.reconstruct`; ``damp`` is its ridge term, also used by
+    ``criterion="obs"``); ``sequential=True`` does it decoder layer by decoder layer, and with
+    ``criterion="obs"`` re-chooses each layer's units (same counts) from the already pruned layers' outputs. Extra keyword ``options``
     go to the criterion; only those it declares (e.g. ``grad_budget`` for Taylor) are accepted.
     Every argument is checked here: a bad one raises :class:`~depgraph.errors.PlanError` (a ``PruneError``
     and ``ValueError``) naming the accepted values, before anything is traced or cut.
@@ -362,7 +368,8 @@ class Pruner:
                  round_to: int | None = None, head_round_to: int | None = None, steps: int = 1, calib=None,
                  seed: int = 0, progress: bool = True, normalize: str | None = "auto",
                  loss_fn: Callable | None = None, example_inputs=None, hf_loadable: bool = False,
-                 allow_partial: bool = False, **options):
+                 allow_partial: bool = False, reconstruct: str | None = None, sequential: bool = False,
+                 damp: float = reconstruction.DEFAULT_DAMP, **options):
         # ---- every argument, before anything is traced or cut
         if not isinstance(model_or_graph, (nn.Module, DependencyGraph)):
             raise _fail("model_or_graph", type(model_or_graph).__name__, "a torch.nn.Module or a DependencyGraph")
@@ -437,6 +444,18 @@ class Pruner:
                 what = "fixed scores and callables read no option"
             raise PlanError(f"Pruner: unknown keyword(s) {', '.join(unknown)} ({what}); Pruner's own keywords: "
                             f"{', '.join(PRUNER_KEYWORDS)}; nothing was cut")
+        if reconstruct is not None and reconstruct not in reconstruction.METHODS:
+            raise _fail("reconstruct", reconstruct, f"None or one of {reconstruction.METHODS}")
+        if reconstruct is not None and calib is None:
+            raise PlanError(f"Pruner: reconstruct={reconstruct!r} needs calib= (token ids [N, L] or a list of "
+                            "batches); nothing was cut")
+        if not isinstance(sequential, bool):
+            raise _fail("sequential", sequential, "True or False")
+        if sequential and reconstruct is None:
+            raise PlanError("Pruner: sequential=True reconstructs layer by layer: pass reconstruct='lsq' (or "
+                            "'bias'); nothing was cut")
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
+            raise _fail("damp", damp, "a positive number (the ridge term relative to the mean diagonal)")
         if isinstance(model_or_graph, DependencyGraph) and example_inputs is not None:
             raise PlanError("Pruner: example_inputs is only used to trace a model; a DependencyGraph is already "
                             "traced (pass the model instead, or drop example_inputs); nothing was cut")
@@ -454,6 +473,9 @@ class Pruner:
                                                                                 calib, seed)
         self.progress, self.loss_fn, self.options = progress, loss_fn, options
         self.hf_loadable, self.allow_partial = hf_loadable, allow_partial
+        self.reconstruct, self.sequential, self.damp = reconstruct, sequential, float(damp)
+        if criterion == "obs":
+            self.options.setdefault("damp", self.damp)
         layers = [i for i in (layer_index(g) for g in all_groups) if i is not None]
         n_layers = max(layers) + 1 if layers else 0
         self.groups: list[Group] = []
@@ -808,7 +830,15 @@ class Pruner:
             counts = [len(u) for u in checked.values()]
             kind_params = {k: counter.removed(counts, {i for i, g in enumerate(groups) if g.kind.value == k})
                            for k in self.kinds}
-        report = self.graph.prune(checked)
+        if self.reconstruct is None:
+            report = self.graph.prune(checked)
+        else:
+            select = None
+            if self.sequential and self.criterion == "obs":  # re-choose each layer's units, same counts
+                select = reconstruction.obs_select(self.graph, {g: len(u) for g, u in checked.items()}, self.damp,
+                                                   float(self.options.get("obs_batch", 1 / 16)), self.aggregate)
+            report = reconstruction.reconstruct(self.graph, checked, self.calib, self.reconstruct, damp=self.damp,
+                                                sequential=self.sequential, progress=self.progress, select=select)
         self.criterion = {**self.criterion, **survivors} if survivors else self.criterion
         for k, n in kind_params.items():
             self._kind_params[k] += n
