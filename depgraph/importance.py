@@ -104,12 +104,56 @@ def criterion(name: str, *, collect: Callable[[ScoreContext], Any] | None = None
 
 
 def reduce_member(values: torch.Tensor, member: Member, size: int) -> torch.Tensor:
-    """Sum ``values`` (shaped like ``member``'s parameter) over each unit's slice: a ``[size]`` tensor."""
-    v = values.movedim(member.dim, 0).reshape(values.shape[member.dim], -1).sum(1) if values.dim() > 1 else values
+    """Sum ``values`` (shaped like ``member``'s parameter, or already one value per index along
+    ``member.dim``) over each unit's slice: a ``[size]`` tensor."""
+    if values.dim() > 1:
+        # reduce the other dims in place of movedim + reshape, which copied the whole tensor
+        v = values.sum(dim=[d for d in range(values.dim()) if d != member.dim])
+    else:
+        v = values
     unit = torch.as_tensor(member.unit_of_index, device=v.device)
     own = unit >= 0
     out = torch.zeros(size, dtype=v.dtype, device=v.device)
     return out.index_add_(0, unit[own], v[own]).float().cpu()
+
+
+BLOCK_ELEMENTS = 1 << 18  # elements per block of index_sums: the block's temporaries stay in cache
+_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"abs": torch.abs_, "square": torch.square_}
+
+
+def index_sums(tensor: torch.Tensor, dims, op: str = "abs", other: torch.Tensor | None = None,
+               scale: tuple[torch.Tensor, int] | None = None) -> dict[int, torch.Tensor]:
+    """Per-index sums of ``op(tensor * other) * scale`` along each dim of ``dims``: ``{dim: float32 [n_dim]}``.
+
+    ``op`` is ``"abs"`` or ``"square"``; ``other`` (optional) is multiplied element-wise first (same shape);
+    ``scale = (vector, d)`` multiplies every index ``i`` along dim ``d`` by ``vector[i]``. One pass over
+    blocks of ``BLOCK_ELEMENTS`` along dim 0, so no temporary the size of the tensor is ever made: scoring
+    a model costs one read of its weights, not a float copy per member.
+    """
+    fn = _OPS[op]
+    t = tensor.detach()
+    t = t.reshape(1) if t.dim() == 0 else t
+    dims = sorted(set(int(d) for d in dims))
+    out = {d: torch.zeros(t.shape[d], dtype=torch.float32, device=t.device) for d in dims}
+    step = max(1, BLOCK_ELEMENTS // max(1, t[0].numel())) if t.shape[0] else 1
+    for a in range(0, t.shape[0], step):
+        blk = t[a:a + step].to(torch.float32, copy=True)  # a private copy: the ops below run in place
+        if other is not None:
+            blk.mul_(other.detach()[a:a + step])
+        fn(blk)
+        if scale is not None:
+            vec, sdim = scale
+            vec = vec.to(device=blk.device, dtype=torch.float32)
+            vec = vec[a:a + step] if sdim == 0 else vec
+            blk.mul_(vec.reshape([-1 if k == sdim else 1 for k in range(blk.dim())]))
+        for d in dims:
+            rest = [k for k in range(blk.dim()) if k != d]
+            part = blk.sum(dim=rest) if rest else blk
+            if d == 0:
+                out[0][a:a + step] = part
+            else:
+                out[d] += part
+    return out
 
 
 def _module_name(param: str) -> str:
@@ -193,6 +237,7 @@ class ScoreContext:
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
         self.modules: dict[str, nn.Module] = dict(self.model.named_modules())
         self.size_of: dict[int, int] = {id(m): g.size for g in self.groups for m in g.members}
+        self._scored: dict[str, list[tuple[Member, int]]] | None = None
 
     def weight(self, member: Member) -> torch.Tensor:
         """The member's whole parameter, detached, in float32."""
@@ -206,14 +251,32 @@ class ScoreContext:
         """Per-unit sums of ``values`` (parameter-shaped) over the member's slices."""
         return reduce_member(values, member, self.size_of[id(member)])
 
+    def unit_sums(self, member: Member, op: str = "abs", scale: tuple[torch.Tensor, int] | None = None,
+                  key: str = "") -> torch.Tensor:
+        """Per-unit sums of ``op(W) * scale`` (``op``: ``"abs"`` or ``"square"``; ``scale`` as in
+        :func:`index_sums`) over the member's slices, without a parameter-sized temporary.
+
+        One blocked pass per parameter computes the sums along every dim a scored member of that
+        parameter needs; the others read them from a cache keyed by ``(parameter, op, key)`` (``key``
+        names the scale, so two criteria with different scales never share an entry).
+        """
+        cache = self.stats.setdefault("index_sums", {})
+        entry = (member.param, op, key)
+        if entry not in cache or member.dim not in cache[entry]:
+            dims = {m.dim for m, _ in self.scored_members().get(member.param, ())} | {member.dim}
+            cache[entry] = index_sums(self.params[member.param], dims, op, scale=scale)
+        return reduce_member(cache[entry][member.dim], member, self.size_of[id(member)])
+
     def scored_members(self) -> dict[str, list[tuple[Member, int]]]:
         """Parameter name -> [(member, group size)] for every non-buffer member of the scored groups."""
-        out: dict[str, list[tuple[Member, int]]] = defaultdict(list)
-        for g in self.groups:
-            for m in g.members:
-                if not m.is_buffer and m.param in self.params:
-                    out[m.param].append((m, g.size))
-        return out
+        if self._scored is None:
+            out: dict[str, list[tuple[Member, int]]] = defaultdict(list)
+            for g in self.groups:
+                for m in g.members:
+                    if not m.is_buffer and m.param in self.params:
+                        out[m.param].append((m, g.size))
+            self._scored = dict(out)
+        return self._scored
 
 
 # ---- data-free criteria ---------------------------------------------------------------------------
@@ -231,12 +294,12 @@ def _random(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor:
 
 @criterion("l1")
 def _l1(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor:
-    return ctx.reduce(member, ctx.weight(member).abs())
+    return ctx.unit_sums(member, "abs")
 
 
 @criterion("l2")
 def _l2(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor:
-    return ctx.reduce(member, ctx.weight(member).pow(2)).sqrt()
+    return ctx.unit_sums(member, "square").sqrt()
 
 
 # ---- Taylor ----------------------------------------------------------------------------------------
@@ -453,17 +516,15 @@ def _wanda(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor | No
     stats: InputStats = ctx.stats["wanda"]
     module = ctx.module(member)
     name = _module_name(member.param)
-    w = ctx.weight(member).abs()
+    ndim = ctx.params[member.param].dim()
     if isinstance(module, _MATMUL) and name in stats.sumsq:
-        norms = stats.sumsq[name].sqrt().to(w.device)
         if member.param.endswith(".bias"):
-            return ctx.reduce(member, w * math.sqrt(stats.tokens[name]))  # bias input is the constant 1
-        if not member.param.endswith(".weight") or w.dim() != 2:
+            return ctx.unit_sums(member, "abs") * math.sqrt(stats.tokens[name])  # bias input is the constant 1
+        if not member.param.endswith(".weight") or ndim != 2:
             return None
-        view = norms[None, :] if _input_dim(module) == 1 else norms[:, None]
-        return ctx.reduce(member, w * view)
+        return ctx.unit_sums(member, "abs", (stats.sumsq[name].sqrt(), _input_dim(module)), key="wanda")
     if isinstance(module, nn.Embedding) and name in stats.counts and member.param.endswith(".weight"):
-        return ctx.reduce(member, w * stats.counts[name].sqrt().to(w.device)[:, None])
+        return ctx.unit_sums(member, "abs", (stats.counts[name].sqrt(), 0), key="wanda")
     return None
 
 
