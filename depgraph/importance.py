@@ -26,13 +26,20 @@ whose index along ``member.dim`` belongs to unit ``u``):
   a hidden channel at each layer that reads the (normalised) residual stream (q/k/v, gate/up, lm_head).
   Producer members are not scored.
 
-Gradient memory (Taylor): gradients are never held for the whole model. Each parameter gets a
+Gradient memory (Taylor): ``.grad`` is never held for the whole model. Each parameter gets a
 ``post_accumulate_grad_hook`` that, as soon as its gradient is ready during ``backward``, folds it into
 per-unit statistics of its members and frees ``.grad``. What cannot be folded per batch (the element-wise
 ``|g * W|`` of the *mean* gradient when there are several batches) needs an fp32 accumulator the size of
-the parameter; those parameters are processed in chunks of at most ``grad_budget`` elements (default:
-the largest decoder layer), one set of calibration passes per chunk, with ``requires_grad`` switched on
-only for the chunk. ``taylor_vector`` and single-batch calibration need one set of passes in all.
+the parameter. By default every accumulator is kept at once when they fit in half the free memory of the
+device, so the whole cost is one backward per batch (as for any gradient-based pruner); otherwise, or
+with ``grad_budget=`` elements, parameters are processed in chunks of at most that many elements (when
+memory is short: the largest decoder layer), one set of calibration passes per chunk, with
+``requires_grad`` switched on only for the chunk. ``taylor_vector`` and single-batch calibration need one
+set of passes in all.
+
+Speed: weights and gradients are reduced by :func:`index_sums` in cache-sized blocks, one pass per
+parameter for all the dims its members need, so scoring reads each weight once and never makes a
+parameter-sized temporary.
 
 Add a criterion with the decorator; it returns a member's per-unit scores (or None: not scored)::
 
@@ -63,9 +70,9 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None  # type: ignore[assignment,misc]
 
 __all__ = [
-    "AGGREGATIONS", "CRITERIA", "NORMALIZATIONS", "ScoreContext", "causal_lm_loss", "combine",
-    "criterion", "input_statistics", "member_scores", "normalize_scores", "ranking", "reduce_member", "score",
-    "taylor_statistics",
+    "AGGREGATIONS", "BLOCK_ELEMENTS", "CRITERIA", "NORMALIZATIONS", "ScoreContext", "available_memory",
+    "causal_lm_loss", "combine", "criterion", "index_sums", "input_statistics", "member_scores",
+    "normalize_scores", "ranking", "reduce_member", "score", "taylor_statistics",
 ]
 
 AGGREGATIONS = ("sum", "mean", "max", "product", "last")
@@ -118,14 +125,15 @@ def reduce_member(values: torch.Tensor, member: Member, size: int) -> torch.Tens
 
 
 BLOCK_ELEMENTS = 1 << 18  # elements per block of index_sums: the block's temporaries stay in cache
-_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"abs": torch.abs_, "square": torch.square_}
+_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "abs": torch.abs_, "square": torch.square_, "signed": lambda x: x}
 
 
 def index_sums(tensor: torch.Tensor, dims, op: str = "abs", other: torch.Tensor | None = None,
                scale: tuple[torch.Tensor, int] | None = None) -> dict[int, torch.Tensor]:
     """Per-index sums of ``op(tensor * other) * scale`` along each dim of ``dims``: ``{dim: float32 [n_dim]}``.
 
-    ``op`` is ``"abs"`` or ``"square"``; ``other`` (optional) is multiplied element-wise first (same shape);
+    ``op`` is ``"abs"``, ``"square"`` or ``"signed"`` (no op); ``other`` (optional) is multiplied element-wise first (same shape);
     ``scale = (vector, d)`` multiplies every index ``i`` along dim ``d`` by ``vector[i]``. One pass over
     blocks of ``BLOCK_ELEMENTS`` along dim 0, so no temporary the size of the tensor is ever made: scoring
     a model costs one read of its weights, not a float copy per member.
@@ -307,7 +315,10 @@ def _l2(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor:
 
 def _grad_chunks(ctx: ScoreContext, names: list[str], budget: int | None) -> list[list[str]]:
     """Pack parameters (in model order) into chunks of at most ``budget`` elements."""
-    if budget is None:  # default: the largest decoder layer (or the largest single parameter)
+    total = sum(ctx.params[n].numel() for n in names)
+    if budget is None and _fits(total * 4, ctx.params[names[0]].device if names else torch.device("cpu")):
+        budget = total  # one set of passes: one backward per batch, like any gradient-based pruner
+    if budget is None:  # memory is short: chunks of the largest decoder layer (or the largest parameter)
         per_layer: dict[str, int] = defaultdict(int)
         for n in names:
             per_layer[_layer_key(n)] += ctx.params[n].numel()
@@ -322,6 +333,28 @@ def _grad_chunks(ctx: ScoreContext, names: list[str], budget: int | None) -> lis
         chunks[-1].append(n)
         used += size
     return chunks
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CPU: ``MemAvailable``; CUDA: free memory), or None."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _fits(nbytes: int, device: torch.device) -> bool:
+    # the fp32 gradient accumulators may take half of what is free (activations need the rest);
+    # when free memory cannot be read, assume it fits (the usual case, and the fast one)
+    free = available_memory(device)
+    return free is None or nbytes <= free // 2
 
 
 def _layer_key(param: str) -> str:
@@ -365,6 +398,7 @@ def taylor_statistics(ctx: ScoreContext, mode: str) -> dict[int, torch.Tensor]:
                 p.requires_grad_(n in in_chunk)
             folded: dict[int, torch.Tensor] = {}  # per member: sum over batches of per-unit terms
             acc: dict[str, torch.Tensor] = {}
+            mean_gw: dict[str, dict[int, torch.Tensor]] = {}
             handles = [ctx.params[n].register_post_accumulate_grad_hook(
                 _taylor_hook(n, by_param[n], mode, accumulate, folded, acc)) for n in chunk]
             try:
@@ -383,10 +417,13 @@ def taylor_statistics(ctx: ScoreContext, mode: str) -> dict[int, torch.Tensor]:
                     if mode == "vector":
                         s = s.abs()
                     elif accumulate and name in acc:
-                        mean_gw = (acc[name] / n_batches) * ctx.params[name].detach().float()
-                        s = s + reduce_member(mean_gw.abs(), m, size)
+                        if name not in mean_gw:  # |mean g * W|, blocked: no parameter-sized temporary
+                            dims = {mm.dim for mm, _ in by_param[name]}
+                            mean_gw[name] = index_sums(acc[name], dims, "abs", other=ctx.params[name].detach())
+                        s = s + reduce_member(mean_gw[name][m.dim], m, size) / n_batches
                     out[id(m)] = s
-            acc.clear()
+                acc.pop(name, None)  # free each accumulator as soon as it is folded
+                mean_gw.pop(name, None)
         bar.close()
     finally:
         for n, p in ctx.params.items():
@@ -399,24 +436,36 @@ def taylor_statistics(ctx: ScoreContext, mode: str) -> dict[int, torch.Tensor]:
 def _taylor_hook(name: str, members: list[tuple[Member, int]], mode: str, accumulate: bool,
                  folded: dict[int, torch.Tensor], acc: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], None]:
     """Fold one parameter's fresh gradient into its members' per-unit terms, then free ``.grad``."""
+    dims = {m.dim for m, _ in members}
+
+    def fold(m: Member, size: int, term: torch.Tensor) -> None:
+        folded[id(m)] = folded[id(m)] + term if id(m) in folded else term
 
     def hook(param: torch.Tensor) -> None:
-        g = param.grad.detach().float()
+        g = param.grad.detach()
         param.grad = None  # free right away: only this parameter's gradient is alive
-        gw = g * param.detach().float()
-        if accumulate:
-            acc[name] = acc[name] + g if name in acc else g
-        for m, size in members:
-            if mode == "vector":
-                term = reduce_member(gw, m, size)  # signed: |.| only after the mean over batches
-            elif mode == "second":
-                term = 0.5 * reduce_member(gw.pow(2), m, size)
-                if not accumulate:
-                    term = term + reduce_member(gw.abs(), m, size)
+        if accumulate:  # in place: one fp32 buffer per parameter for all batches
+            if name in acc:
+                acc[name].add_(g)
             else:
-                term = None if accumulate else reduce_member(gw.abs(), m, size)
+                acc[name] = g.float() if g.dtype != torch.float32 else g
+            if mode == "first":
+                return  # |g * W| of the mean gradient: folded once after the last batch
+        w = param.detach()
+        if mode == "vector":  # signed: |.| only after the mean over batches
+            sums = index_sums(g, dims, "signed", other=w)
+            for m, size in members:
+                fold(m, size, reduce_member(sums[m.dim], m, size))
+            return
+        square = index_sums(g, dims, "square", other=w) if mode == "second" else None
+        absolute = None if accumulate else index_sums(g, dims, "abs", other=w)
+        for m, size in members:
+            term = 0.5 * reduce_member(square[m.dim], m, size) if square is not None else None
+            if absolute is not None:
+                a = reduce_member(absolute[m.dim], m, size)
+                term = a if term is None else term + a
             if term is not None:
-                folded[id(m)] = folded[id(m)] + term if id(m) in folded else term
+                fold(m, size, term)
 
     return hook
 
