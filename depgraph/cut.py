@@ -147,6 +147,46 @@ class _Transaction:
             self.undo.append(("attr", tensor, "grad", tensor.grad))
             tensor.grad = None
 
+    def cut_data(self, tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Replace ``tensor.data`` by its ``keep`` slices along each ``(dim, keep, drop)`` of ``cuts``.
+
+        The undo record keeps only the dropped slices (not the whole old tensor), so the old storage is
+        freed as soon as the new one is in place: a cut's peak memory is the model plus what it removes,
+        not twice the model. Rollback puts the kept and dropped slices back into a tensor of the old
+        shape (bit-identical values). A view into a larger storage or a non-contiguous tensor keeps the
+        old tensor.
+        """
+        old = tensor.data
+        own = old.storage_offset() == 0 and old.untyped_storage().nbytes() == old.numel() * old.element_size()
+        if not own or not old.is_contiguous() or old.device.type == "meta":
+            data = old
+            for dim, keep, _ in cuts:
+                data = data.index_select(dim, keep)
+            self.set_data(tensor, data.contiguous())
+            return
+        stages = []  # (dim, keep, drop, shape before, dropped slices)
+        data = old
+        for dim, keep, drop in cuts:
+            stages.append((dim, keep, drop, tuple(data.shape), data.index_select(dim, drop)))
+            data = data.index_select(dim, keep)
+        self.undo.append(("cut", tensor, "data", stages))
+        del old
+        tensor.data = data.contiguous()
+        if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
+            self.undo.append(("attr", tensor, "grad", tensor.grad))
+            tensor.grad = None
+
+    @staticmethod
+    def _uncut(tensor: torch.Tensor, stages) -> torch.Tensor:
+        data = tensor.data
+        for i in range(len(stages) - 1, -1, -1):
+            dim, keep, drop, before, dropped = stages[i]
+            full = torch.empty(before, dtype=data.dtype, device=data.device)
+            full.index_copy_(dim, keep, data)
+            full.index_copy_(dim, drop, dropped)
+            data = full
+        return data
+
     def set_attr(self, obj, name: str, value) -> None:
         missing = not hasattr(obj, name)
         self.undo.append(("del" if missing else "attr", obj, name, None if missing else getattr(obj, name)))
@@ -156,6 +196,9 @@ class _Transaction:
         for kind, obj, name, old in reversed(self.undo):
             if kind == "data":
                 obj.data = old
+            elif kind == "cut":
+                with torch.no_grad():
+                    obj.data = self._uncut(obj, old)
             elif kind == "del":
                 delattr(obj, name)
             else:
@@ -211,16 +254,13 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
                                  f"({tensors[param].dtype}). Cut a multiple of {16 // item} units (Pruner "
                                  f"round_to={16 // item}). The model is unchanged.")
 
-    # 2. stage new tensors (nothing is modified yet)
-    staged: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for param in new_shapes:
-            data = tensors[param].data
-            for (p, dim), keep in keep_masks.items():
-                if p == param:
-                    index = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=data.device)
-                    data = data.index_select(dim, index)
-            staged[param] = data.contiguous()
+    # 2. stage the index sets of every cut (tensors are cut one at a time at commit, so at most one
+    #    old parameter is alive beside the new ones)
+    staged: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+    for (param, dim), keep in keep_masks.items():
+        device = tensors[param].device
+        staged[param].append((dim, torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=device),
+                              torch.as_tensor(np.flatnonzero(~keep), dtype=torch.long, device=device)))
 
     # 3. stage attribute edits
     # 3. the reference for exact groups: the same units zero-masked in the model as it is now
@@ -238,8 +278,9 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
             # remember the unpruned config: checkpoints describe per-layer sizes relative to it
             transaction.set_attr(model, BASE_CONFIG_ATTR, copy.deepcopy(config))
         try:
-            for param, data in staged.items():
-                transaction.set_data(tensors[param], data)
+            with torch.no_grad():
+                for param, cuts in staged.items():
+                    transaction.cut_data(tensors[param], cuts)
             for obj, name, value in edits:
                 old = getattr(obj, name, None)
                 if old is not value and not (isinstance(value, (int, float, str, tuple)) and old == value):
@@ -264,7 +305,7 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
     report.shapes = {p: (tuple(graph.param_shapes[p]), s) for p, s in new_shapes.items()}
     names = {id(m): n for n, m in model.named_modules()}
     for kind, obj, name, old in transaction.undo:
-        if kind != "data":
+        if kind not in ("data", "cut"):
             report.edits.append((names.get(id(obj), type(obj).__name__), name, old, getattr(obj, name, None)))
     _update_graph(graph, checked, keep_masks, new_shapes)
     return report
@@ -618,7 +659,7 @@ def _masked_reference(graph, checked: dict[Group, np.ndarray], tensors) -> torch
               for g, u in checked.items() for m in g.members if m.role == "in"]
     if not slices or any(t.device.type == "meta" for t, _, _ in slices):
         return None
-    saved = [(t, d, i, t.data.index_select(d, i.to(t.device)).clone()) for t, d, i in slices]
+    saved = [(t, d, i, t.data.index_select(d, i.to(t.device))) for t, d, i in slices]  # already a copy
     try:
         with torch.no_grad():
             for t, d, i, _ in saved:

@@ -95,3 +95,28 @@ def test_taylor_chunks_when_memory_is_short(monkeypatch):
     monkeypatch.setattr(I, "available_memory", lambda device: 1024)  # 1 KiB free: accumulators do not fit
     I.member_scores(graph, "taylor_first", calib=calib, loss_fn=loss, progress=False)
     assert len(calls) > 2  # several chunks, one set of passes each
+
+
+def test_failed_cut_rolls_back_bit_identical(monkeypatch):
+    # the cut journals only the dropped slices; rollback must rebuild every tensor exactly
+    from depgraph import cut as C
+    from depgraph.errors import PruneError
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    graph = depgraph.trace(model)
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    plan = {g: list(range(0, g.size, 3))[: g.size - 1] for g in graph.groups()}
+
+    def boom(_graph):
+        raise PruneError("injected failure after commit")
+
+    monkeypatch.setattr(C, "_check_forward", boom)
+    with pytest.raises(PruneError):
+        graph.prune(plan)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for n, t in before.items():
+        assert after[n].shape == t.shape and torch.equal(after[n], t), n
+    monkeypatch.undo()
+    report = graph.prune(plan)  # the graph is still valid and the same plan now cuts
+    assert report.params_after < report.params_before
