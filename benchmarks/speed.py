@@ -20,7 +20,8 @@ Sections (full run):
   (the like-for-like ratio); min and median of ``--runs`` runs, peak RSS, ratios of medians;
 * scaling: depgraph (and export) on 2..32 layers of the 7B shape on ``meta``;
 * Llama-3-70B shape on ``meta``: trace + groups + a random-criterion 20% plan (computed, not cut);
-* a full 20% prune (L2-magnitude scores) of the 1.1B shape with real random weights.
+* a full 20% prune (L2-magnitude scores, all A/B/C groups, forward check) of the 1.1B shape with real
+  random weights, by depgraph and by Torch-Pruning (MetaPruner, heads via num_heads) in the same run.
 
 ``--quick`` (the test's smoke run, well under 3 minutes): tiny + 1.1B shape with 4 layers, 2 runs,
 forked children. Timings are printed, never asserted.
