@@ -20,7 +20,8 @@ Sections (full run):
   (the like-for-like ratio); min and median of ``--runs`` runs, peak RSS, ratios of medians;
 * scaling: depgraph (and export) on 2..32 layers of the 7B shape on ``meta``;
 * Llama-3-70B shape on ``meta``: trace + groups + a random-criterion 20% plan (computed, not cut);
-* a full 20% prune (L2-magnitude scores) of the 1.1B shape with real random weights.
+* a full 20% prune (L2-magnitude scores, all A/B/C groups, forward check) of the 1.1B shape with real
+  random weights, by depgraph and by Torch-Pruning (MetaPruner, heads via num_heads) in the same run.
 
 ``--quick`` (the test's smoke run, well under 3 minutes): tiny + 1.1B shape with 4 layers, 2 runs,
 forked children. Timings are printed, never asserted.
@@ -185,43 +186,53 @@ def _plan_70b(model, ids, ratio: float, seed: int) -> dict[str, Any]:
     }
 
 
-def l2_scores(group, tensors: dict[str, Any]) -> Any:
-    """Per-unit L2 magnitude of a group: the norm over every parameter slice the unit owns (all members)."""
-    import torch
-
-    score = torch.zeros(group.size, dtype=torch.float64)
-    for m in group.members:
-        w = tensors[m.param].detach()
-        dims = [d for d in range(w.dim()) if d != m.dim]
-        per_index = (torch.linalg.vector_norm(w, dim=dims) if dims else w.abs()).double().pow(2)
-        units = torch.as_tensor(m.unit_of_index)
-        owned = units >= 0
-        score.index_add_(0, units[owned], per_index[owned])
-    return score.sqrt()
-
-
 def _prune_1b(model, ids, ratio: float) -> dict[str, Any]:
-    """Trace, L2-magnitude scores, per-group ``ratio`` lowest, ``graph.prune`` (forward-checked)."""
+    """depgraph: trace, L2 scores (``importance``), 20% lowest units of every A/B/C group, forward-checked cut."""
     import depgraph
 
     start = time.perf_counter()
     graph = depgraph.trace(model, ids)
     traced = time.perf_counter()
-    tensors = dict(model.named_parameters())
-    tensors.update(dict(model.named_buffers()))
-    plan = {}
-    for group in graph.groups():
-        n = int(group.size * ratio)
-        if n:
-            plan[group] = sorted(l2_scores(group, tensors).argsort()[:n].tolist())
+    pruner = depgraph.Pruner(graph, criterion="l2", ratio=ratio, structure="all", progress=False)
+    plan = pruner.plan()
     scored = time.perf_counter()
-    report = graph.prune(plan)
+    report = pruner.step(plan)
+    with __import__("torch").no_grad():
+        model(ids)  # the forward check a user runs
     end = time.perf_counter()
     return {
         "trace_s": traced - start, "score_s": scored - traced, "prune_s": end - scored, "time_s": end - start,
         "params_before": report.params_before, "params_after": report.params_after, "ratio": report.ratio,
         "groups": {k: len(graph.groups(k)) for k in "ABC"},
     }
+
+
+def _prune_1b_tp(model, ids, ratio: float) -> dict[str, Any]:
+    """Torch-Pruning: MetaPruner, L2 magnitude, ``ratio`` of every layer's channels and of heads (its LLM
+    recipe: ``num_heads`` for q/k/v, lm_head ignored), one step, then a forward check."""
+    import torch
+    import torch_pruning as tp
+
+    start = time.perf_counter()
+    num_heads = {}
+    for layer in model.model.layers:
+        a = layer.self_attn
+        num_heads[a.q_proj] = model.config.num_attention_heads
+        num_heads[a.k_proj] = model.config.num_key_value_heads
+        num_heads[a.v_proj] = model.config.num_key_value_heads
+    before = sum(p.numel() for p in model.parameters())
+    pruner = tp.pruner.MetaPruner(model, ids, importance=tp.importance.MagnitudeImportance(p=2),
+                                  pruning_ratio=ratio, ignored_layers=[model.lm_head], num_heads=num_heads,
+                                  prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio,
+                                  global_pruning=False, output_transform=lambda out: out.logits)
+    built = time.perf_counter()
+    pruner.step()
+    with torch.no_grad():
+        model(ids)
+    end = time.perf_counter()
+    after = sum(p.numel() for p in model.parameters())
+    return {"trace_s": built - start, "score_s": 0.0, "prune_s": end - built, "time_s": end - start,
+            "params_before": before, "params_after": after, "ratio": 1 - after / before}
 
 
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -243,6 +254,8 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
             out = _plan_70b(model, ids, spec["ratio"], spec.get("seed", 0))
         elif task == "prune":
             out = _prune_1b(model, ids, spec["ratio"])
+        elif task == "prune_tp":
+            out = _prune_1b_tp(model, ids, spec["ratio"])
         else:
             raise ValueError(f"unknown task {task!r}")
         out.update(status="ok", build_s=build_s, rss_before_mib=rss_before, peak_rss_mib=peak_rss_mib(),
@@ -485,6 +498,9 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
         spec = {"task": "prune", "shape": "1.1b", "layers": layers, "device": "cpu", "ratio": 0.2}
         cell = measure(spec, 1, args.timeout, args.isolation, log)
         results["prune1b"] = cell.to_json() | {"layers": layers}
+        log(f"[prune] 1.1b {layers} layers, Torch-Pruning L2 20%, CPU weights")
+        cell = measure(spec | {"task": "prune_tp"}, 1, args.timeout, args.isolation, log)
+        results["prune1b_tp"] = cell.to_json() | {"layers": layers}
     results["total_wall_s"] = time.perf_counter() - t_all
     results["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return results
@@ -573,12 +589,25 @@ def render(results: dict[str, Any]) -> str:
         if ok:
             r = ok[0]
             out += [
-                "| trace s | scores s | prune s | total s | params before -> after | removed | peak RSS MiB (+growth) |",
-                "|---:|---:|---:|---:|---|---:|---:|",
-                f"| {r['trace_s']:.1f} | {r['score_s']:.1f} | {r['prune_s']:.1f} | {r['time_s']:.1f} | "
-                f"{r['params_before'] / 1e6:,.1f}M -> {r['params_after'] / 1e6:,.1f}M | {r['ratio']:.1%} | "
-                f"{_cell_from_json(prune).rss_text()} |",
+                "| tool | trace / build s | scores s | prune s | total s | params before -> after | removed "
+                "| peak RSS MiB (+growth) | peak RSS / model bytes |",
+                "|---|---:|---:|---:|---:|---|---:|---:|---:|",
             ]
+            model_mib = r["params_before"] * 4 / 2**20
+            for label, data in (("depgraph", prune), ("Torch-Pruning", results.get("prune1b_tp"))):
+                done = [x for x in (data or {}).get("runs", []) if x.get("status") == "ok"]
+                if not done:
+                    out.append(f"| {label} | {(data or {}).get('status', 'not run')} | | | | | | | |")
+                    continue
+                x = done[0]
+                peak = _cell_from_json(data).peak_rss
+                out.append(f"| {label} | {x['trace_s']:.1f} | {x['score_s']:.1f} | {x['prune_s']:.1f} | "
+                           f"{x['time_s']:.1f} | {x['params_before'] / 1e6:,.1f}M -> {x['params_after'] / 1e6:,.1f}M "
+                           f"| {x['ratio']:.1%} | {_cell_from_json(data).rss_text()} | {peak / model_mib:.2f}x |")
+            tp_ok = [x for x in (results.get("prune1b_tp") or {}).get("runs", []) if x.get("status") == "ok"]
+            if tp_ok:
+                out += ["", f"Torch-Pruning / depgraph total time: {tp_ok[0]['time_s'] / r['time_s']:.2f}x "
+                            "(same run, same model shape, fresh child each)"]
         else:
             out.append(f"{prune['status']}: {prune['error']}")
     load = [m.get("loadavg_start"), m.get("loadavg_end")]

@@ -162,24 +162,22 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
                                  f"({tensors[param].dtype}). Cut a multiple of {16 // item} units (Pruner "
                                  f"round_to={16 // item}). The model is unchanged.")
 
-    # 2. stage new tensors (nothing is modified yet)
-    staged: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for param in new_shapes:
-            data = tensors[param].data
-            for (p, dim), keep in keep_masks.items():
-                if p == param:
-                    index = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=data.device)
-                    data = data.index_select(dim, index)
-            staged[param] = data.contiguous()
+    # 2. stage the index sets of every cut (tensors are cut one at a time at commit, so at most one
+    #    old parameter is alive beside the new ones)
+    staged: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+    for (param, dim), keep in keep_masks.items():
+        device = tensors[param].device
+        staged[param].append((dim, torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=device),
+                              torch.as_tensor(np.flatnonzero(~keep), dtype=torch.long, device=device)))
     # hidden cuts under RMSNorm: rescale each norm's weight and eps so the cut equals zero-masking
     norm_edits: list = []
+    norm_scales: dict[str, object] = {}
     for group, units in checked.items():
         scales, eps_edits = rms_norm_edits(model, group, group.size - int(units.size))
         norm_edits += eps_edits
         for param in staged:
             if id(tensors[param]) in scales:
-                staged[param] = staged[param] * scales[id(tensors[param])]
+                norm_scales[param] = norm_scales.get(param, 1.0) * scales[id(tensors[param])]
 
     # 3. the reference for exact groups: the same units zero-masked in the model as it is now
     reference = _masked_reference(graph, checked, tensors) if verify else None
@@ -198,8 +196,11 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
                 if config is not None and hasattr(config, "to_dict") and not hasattr(model, BASE_CONFIG_ATTR):
                     # remember the unpruned config: checkpoints describe per-layer sizes relative to it
                     transaction.set_attr(model, BASE_CONFIG_ATTR, copy.deepcopy(config))
-                for param, data in staged.items():
-                    transaction.set_data(tensors[param], data)
+                with torch.no_grad():
+                    for param, cuts in staged.items():
+                        transaction.cut_data(tensors[param], cuts)
+                    for param, scale in norm_scales.items():  # norm weights: small, kept whole for undo
+                        transaction.set_data(tensors[param], tensors[param].data * scale)
                 for obj, name, value in edits:
                     old = getattr(obj, name, None)
                     if old is not value and not (isinstance(value, (int, float, str, tuple)) and old == value):
@@ -241,7 +242,7 @@ def _masked_reference(graph, checked: dict[Group, np.ndarray], tensors) -> torch
     slices = _mask_slices(checked, tensors)
     if not slices or any(t.device.type == "meta" for t, _, _ in slices):
         return None
-    saved = [(t, d, i, t.data.index_select(d, i.to(t.device)).clone()) for t, d, i in slices]
+    saved = [(t, d, i, t.data.index_select(d, i.to(t.device))) for t, d, i in slices]  # already a copy
     try:
         with torch.no_grad():
             for t, d, i, _ in saved:

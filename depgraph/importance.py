@@ -26,13 +26,20 @@ whose index along ``member.dim`` belongs to unit ``u``):
   a hidden channel at each layer that reads the (normalised) residual stream (q/k/v, gate/up, lm_head).
   Producer members are not scored.
 
-Gradient memory (Taylor): gradients are never held for the whole model. Each parameter gets a
+Gradient memory (Taylor): ``.grad`` is never held for the whole model. Each parameter gets a
 ``post_accumulate_grad_hook`` that, as soon as its gradient is ready during ``backward``, folds it into
 per-unit statistics of its members and frees ``.grad``. What cannot be folded per batch (the element-wise
 ``|g * W|`` of the *mean* gradient when there are several batches) needs an fp32 accumulator the size of
-the parameter; those parameters are processed in chunks of at most ``grad_budget`` elements (default:
-the largest decoder layer), one set of calibration passes per chunk, with ``requires_grad`` switched on
-only for the chunk. ``taylor_vector`` and single-batch calibration need one set of passes in all.
+the parameter. By default every accumulator is kept at once when they fit in half the free memory of the
+device, so the whole cost is one backward per batch (as for any gradient-based pruner); otherwise, or
+with ``grad_budget=`` elements, parameters are processed in chunks of at most that many elements (when
+memory is short: the largest decoder layer), one set of calibration passes per chunk, with
+``requires_grad`` switched on only for the chunk. ``taylor_vector`` and single-batch calibration need one
+set of passes in all.
+
+Speed: weights and gradients are reduced by :func:`index_sums` in cache-sized blocks, one pass per
+parameter for all the dims its members need, so scoring reads each weight once and never makes a
+parameter-sized temporary.
 
 Add a criterion with the decorator; it returns a member's per-unit scores (or None: not scored)::
 
@@ -65,8 +72,8 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None  # type: ignore[assignment,misc]
 
 __all__ = [
-    "AGGREGATIONS", "CRITERIA", "MATMUL_LAYERS", "NORMALIZATIONS", "ScoreContext",
-    "causal_lm_loss", "combine", "criterion", "input_dim", "input_statistics",
+    "AGGREGATIONS", "BLOCK_ELEMENTS", "CRITERIA", "MATMUL_LAYERS", "NORMALIZATIONS", "ScoreContext",
+    "available_memory", "causal_lm_loss", "combine", "criterion", "index_sums", "input_dim", "input_statistics",
     "member_scores", "normalize_scores", "ranking", "reduce_member", "score", "taylor_statistics",
 ]
 
@@ -112,12 +119,57 @@ def criterion(name: str, *, collect: Callable[[ScoreContext], Any] | None = None
 
 
 def reduce_member(values: torch.Tensor, member: Member, size: int) -> torch.Tensor:
-    """Sum ``values`` (shaped like ``member``'s parameter) over each unit's slice: a ``[size]`` tensor."""
-    v = values.movedim(member.dim, 0).reshape(values.shape[member.dim], -1).sum(1) if values.dim() > 1 else values
+    """Sum ``values`` (shaped like ``member``'s parameter, or already one value per index along
+    ``member.dim``) over each unit's slice: a ``[size]`` tensor."""
+    if values.dim() > 1:
+        # reduce the other dims in place of movedim + reshape, which copied the whole tensor
+        v = values.sum(dim=[d for d in range(values.dim()) if d != member.dim])
+    else:
+        v = values
     unit = torch.as_tensor(member.unit_of_index, device=v.device)
     own = unit >= 0
     out = torch.zeros(size, dtype=v.dtype, device=v.device)
     return out.index_add_(0, unit[own], v[own]).float().cpu()
+
+
+BLOCK_ELEMENTS = 1 << 18  # elements per block of index_sums: the block's temporaries stay in cache
+_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "abs": torch.abs_, "square": torch.square_, "signed": lambda x: x}
+
+
+def index_sums(tensor: torch.Tensor, dims, op: str = "abs", other: torch.Tensor | None = None,
+               scale: tuple[torch.Tensor, int] | None = None) -> dict[int, torch.Tensor]:
+    """Per-index sums of ``op(tensor * other) * scale`` along each dim of ``dims``: ``{dim: float32 [n_dim]}``.
+
+    ``op`` is ``"abs"``, ``"square"`` or ``"signed"`` (no op); ``other`` (optional) is multiplied element-wise first (same shape);
+    ``scale = (vector, d)`` multiplies every index ``i`` along dim ``d`` by ``vector[i]``. One pass over
+    blocks of ``BLOCK_ELEMENTS`` along dim 0, so no temporary the size of the tensor is ever made: scoring
+    a model costs one read of its weights, not a float copy per member.
+    """
+    fn = _OPS[op]
+    t = tensor.detach()
+    t = t.reshape(1) if t.dim() == 0 else t
+    dims = sorted(set(int(d) for d in dims))
+    out = {d: torch.zeros(t.shape[d], dtype=torch.float32, device=t.device) for d in dims}
+    step = max(1, BLOCK_ELEMENTS // max(1, t[0].numel())) if t.shape[0] else 1
+    for a in range(0, t.shape[0], step):
+        blk = t[a:a + step].to(torch.float32, copy=True)  # a private copy: the ops below run in place
+        if other is not None:
+            blk.mul_(other.detach()[a:a + step])
+        fn(blk)
+        if scale is not None:
+            vec, sdim = scale
+            vec = vec.to(device=blk.device, dtype=torch.float32)
+            vec = vec[a:a + step] if sdim == 0 else vec
+            blk.mul_(vec.reshape([-1 if k == sdim else 1 for k in range(blk.dim())]))
+        for d in dims:
+            rest = [k for k in range(blk.dim()) if k != d]
+            part = blk.sum(dim=rest) if rest else blk
+            if d == 0:
+                out[0][a:a + step] = part
+            else:
+                out[d] += part
+    return out
 
 
 def _module_name(param: str) -> str:
@@ -158,6 +210,7 @@ class ScoreContext:
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
         self.modules: dict[str, nn.Module] = dict(self.model.named_modules())
         self.size_of: dict[int, int] = {id(m): g.size for g in self.groups for m in g.members}
+        self._scored: dict[str, list[tuple[Member, int]]] | None = None
 
     def weight(self, member: Member) -> torch.Tensor:
         """The member's whole parameter, detached, in float32."""
@@ -171,14 +224,32 @@ class ScoreContext:
         """Per-unit sums of ``values`` (parameter-shaped) over the member's slices."""
         return reduce_member(values, member, self.size_of[id(member)])
 
+    def unit_sums(self, member: Member, op: str = "abs", scale: tuple[torch.Tensor, int] | None = None,
+                  key: str = "") -> torch.Tensor:
+        """Per-unit sums of ``op(W) * scale`` (``op``: ``"abs"`` or ``"square"``; ``scale`` as in
+        :func:`index_sums`) over the member's slices, without a parameter-sized temporary.
+
+        One blocked pass per parameter computes the sums along every dim a scored member of that
+        parameter needs; the others read them from a cache keyed by ``(parameter, op, key)`` (``key``
+        names the scale, so two criteria with different scales never share an entry).
+        """
+        cache = self.stats.setdefault("index_sums", {})
+        entry = (member.param, op, key)
+        if entry not in cache or member.dim not in cache[entry]:
+            dims = {m.dim for m, _ in self.scored_members().get(member.param, ())} | {member.dim}
+            cache[entry] = index_sums(self.params[member.param], dims, op, scale=scale)
+        return reduce_member(cache[entry][member.dim], member, self.size_of[id(member)])
+
     def scored_members(self) -> dict[str, list[tuple[Member, int]]]:
         """Parameter name -> [(member, group size)] for every non-buffer member of the scored groups."""
-        out: dict[str, list[tuple[Member, int]]] = defaultdict(list)
-        for g in self.groups:
-            for m in g.members:
-                if not m.is_buffer and m.param in self.params:
-                    out[m.param].append((m, g.size))
-        return out
+        if self._scored is None:
+            out: dict[str, list[tuple[Member, int]]] = defaultdict(list)
+            for g in self.groups:
+                for m in g.members:
+                    if not m.is_buffer and m.param in self.params:
+                        out[m.param].append((m, g.size))
+            self._scored = dict(out)
+        return self._scored
 
 
 # ---- data-free criteria ---------------------------------------------------------------------------
@@ -196,12 +267,12 @@ def _random(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor:
 
 @criterion("l1")
 def _l1(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor:
-    return ctx.reduce(member, ctx.weight(member).abs())
+    return ctx.unit_sums(member, "abs")
 
 
 @criterion("l2")
 def _l2(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor:
-    return ctx.reduce(member, ctx.weight(member).pow(2)).sqrt()
+    return ctx.unit_sums(member, "square").sqrt()
 
 
 # ---- Taylor ----------------------------------------------------------------------------------------
@@ -209,7 +280,10 @@ def _l2(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor:
 
 def _grad_chunks(ctx: ScoreContext, names: list[str], budget: int | None) -> list[list[str]]:
     """Pack parameters (in model order) into chunks of at most ``budget`` elements."""
-    if budget is None:  # default: the largest decoder layer (or the largest single parameter)
+    total = sum(ctx.params[n].numel() for n in names)
+    if budget is None and _fits(total * 4, ctx.params[names[0]].device if names else torch.device("cpu")):
+        budget = total  # one set of passes: one backward per batch, like any gradient-based pruner
+    if budget is None:  # memory is short: chunks of the largest decoder layer (or the largest parameter)
         per_layer: dict[str, int] = defaultdict(int)
         for n in names:
             per_layer[calibration.layer_prefix(n)] += ctx.params[n].numel()
@@ -224,6 +298,28 @@ def _grad_chunks(ctx: ScoreContext, names: list[str], budget: int | None) -> lis
         chunks[-1].append(n)
         used += size
     return chunks
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CPU: ``MemAvailable``; CUDA: free memory), or None."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _fits(nbytes: int, device: torch.device) -> bool:
+    # the fp32 gradient accumulators may take half of what is free (activations need the rest);
+    # when free memory cannot be read, assume it fits (the usual case, and the fast one)
+    free = available_memory(device)
+    return free is None or nbytes <= free // 2
 
 
 def _taylor_collect(mode: str) -> Callable[[ScoreContext], dict[int, torch.Tensor]]:
@@ -258,6 +354,7 @@ def taylor_statistics(ctx: ScoreContext, mode: str) -> dict[int, torch.Tensor]:
                 p.requires_grad_(n in in_chunk)
             folded: dict[int, torch.Tensor] = {}  # per member: sum over batches of per-unit terms
             acc: dict[str, torch.Tensor] = {}
+            mean_gw: dict[str, dict[int, torch.Tensor]] = {}
             handles = [ctx.params[n].register_post_accumulate_grad_hook(
                 _taylor_hook(n, by_param[n], mode, accumulate, folded, acc)) for n in chunk]
             try:
@@ -276,10 +373,13 @@ def taylor_statistics(ctx: ScoreContext, mode: str) -> dict[int, torch.Tensor]:
                     if mode == "vector":
                         s = s.abs()
                     elif accumulate and name in acc:
-                        mean_gw = (acc[name] / n_batches) * ctx.params[name].detach().float()
-                        s = s + reduce_member(mean_gw.abs(), m, size)
+                        if name not in mean_gw:  # |mean g * W|, blocked: no parameter-sized temporary
+                            dims = {mm.dim for mm, _ in by_param[name]}
+                            mean_gw[name] = index_sums(acc[name], dims, "abs", other=ctx.params[name].detach())
+                        s = s + reduce_member(mean_gw[name][m.dim], m, size) / n_batches
                     out[id(m)] = s
-            acc.clear()
+                acc.pop(name, None)  # free each accumulator as soon as it is folded
+                mean_gw.pop(name, None)
         bar.close()
     finally:
         for n, p in ctx.params.items():
@@ -292,24 +392,36 @@ def taylor_statistics(ctx: ScoreContext, mode: str) -> dict[int, torch.Tensor]:
 def _taylor_hook(name: str, members: list[tuple[Member, int]], mode: str, accumulate: bool,
                  folded: dict[int, torch.Tensor], acc: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], None]:
     """Fold one parameter's fresh gradient into its members' per-unit terms, then free ``.grad``."""
+    dims = {m.dim for m, _ in members}
+
+    def fold(m: Member, size: int, term: torch.Tensor) -> None:
+        folded[id(m)] = folded[id(m)] + term if id(m) in folded else term
 
     def hook(param: torch.Tensor) -> None:
-        g = param.grad.detach().float()
+        g = param.grad.detach()
         param.grad = None  # free right away: only this parameter's gradient is alive
-        gw = g * param.detach().float()
-        if accumulate:
-            acc[name] = acc[name] + g if name in acc else g
-        for m, size in members:
-            if mode == "vector":
-                term = reduce_member(gw, m, size)  # signed: |.| only after the mean over batches
-            elif mode == "second":
-                term = 0.5 * reduce_member(gw.pow(2), m, size)
-                if not accumulate:
-                    term = term + reduce_member(gw.abs(), m, size)
+        if accumulate:  # in place: one fp32 buffer per parameter for all batches
+            if name in acc:
+                acc[name].add_(g)
             else:
-                term = None if accumulate else reduce_member(gw.abs(), m, size)
+                acc[name] = g.float() if g.dtype != torch.float32 else g
+            if mode == "first":
+                return  # |g * W| of the mean gradient: folded once after the last batch
+        w = param.detach()
+        if mode == "vector":  # signed: |.| only after the mean over batches
+            sums = index_sums(g, dims, "signed", other=w)
+            for m, size in members:
+                fold(m, size, reduce_member(sums[m.dim], m, size))
+            return
+        square = index_sums(g, dims, "square", other=w) if mode == "second" else None
+        absolute = None if accumulate else index_sums(g, dims, "abs", other=w)
+        for m, size in members:
+            term = 0.5 * reduce_member(square[m.dim], m, size) if square is not None else None
+            if absolute is not None:
+                a = reduce_member(absolute[m.dim], m, size)
+                term = a if term is None else term + a
             if term is not None:
-                folded[id(m)] = folded[id(m)] + term if id(m) in folded else term
+                fold(m, size, term)
 
     return hook
 
@@ -406,17 +518,15 @@ def _wanda(ctx: ScoreContext, group: Group, member: Member) -> torch.Tensor | No
     stats: InputStats = ctx.stats["wanda"]
     module = ctx.module(member)
     name = _module_name(member.param)
-    w = ctx.weight(member).abs()
+    ndim = ctx.params[member.param].dim()
     if isinstance(module, _MATMUL) and name in stats.sumsq:
-        norms = stats.sumsq[name].sqrt().to(w.device)
         if member.param.endswith(".bias"):
-            return ctx.reduce(member, w * math.sqrt(stats.tokens[name]))  # bias input is the constant 1
-        if not member.param.endswith(".weight") or w.dim() != 2:
+            return ctx.unit_sums(member, "abs") * math.sqrt(stats.tokens[name])  # bias input is the constant 1
+        if not member.param.endswith(".weight") or ndim != 2:
             return None
-        view = norms[None, :] if _input_dim(module) == 1 else norms[:, None]
-        return ctx.reduce(member, w * view)
+        return ctx.unit_sums(member, "abs", (stats.sumsq[name].sqrt(), _input_dim(module)), key="wanda")
     if isinstance(module, nn.Embedding) and name in stats.counts and member.param.endswith(".weight"):
-        return ctx.reduce(member, w * stats.counts[name].sqrt().to(w.device)[:, None])
+        return ctx.unit_sums(member, "abs", (stats.counts[name].sqrt(), 0), key="wanda")
     return None
 
 

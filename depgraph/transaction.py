@@ -35,6 +35,46 @@ class Transaction:
             self.undo.append(("attr", tensor, "grad", tensor.grad))
             tensor.grad = None
 
+    def cut_data(self, tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Replace ``tensor.data`` by its ``keep`` slices along each ``(dim, keep, drop)`` of ``cuts``.
+
+        The undo record keeps only the dropped slices (not the whole old tensor), so the old storage is
+        freed as soon as the new one is in place: a cut's peak memory is the model plus what it removes,
+        not twice the model. Rollback puts the kept and dropped slices back into a tensor of the old
+        shape (bit-identical values). A view into a larger storage or a non-contiguous tensor keeps the
+        old tensor.
+        """
+        old = tensor.data
+        own = old.storage_offset() == 0 and old.untyped_storage().nbytes() == old.numel() * old.element_size()
+        if not own or not old.is_contiguous() or old.device.type == "meta":
+            data = old
+            for dim, keep, _ in cuts:
+                data = data.index_select(dim, keep)
+            self.set_data(tensor, data.contiguous())
+            return
+        stages = []  # (dim, keep, drop, shape before, dropped slices)
+        data = old
+        for dim, keep, drop in cuts:
+            stages.append((dim, keep, drop, tuple(data.shape), data.index_select(dim, drop)))
+            data = data.index_select(dim, keep)
+        self.undo.append(("cut", tensor, "data", stages))
+        del old
+        tensor.data = data.contiguous()
+        if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
+            self.undo.append(("attr", tensor, "grad", tensor.grad))
+            tensor.grad = None
+
+    @staticmethod
+    def _uncut(tensor: torch.Tensor, stages) -> torch.Tensor:
+        data = tensor.data
+        for i in range(len(stages) - 1, -1, -1):
+            dim, keep, drop, before, dropped = stages[i]
+            full = torch.empty(before, dtype=data.dtype, device=data.device)
+            full.index_copy_(dim, keep, data)
+            full.index_copy_(dim, drop, dropped)
+            data = full
+        return data
+
     def set_attr(self, obj: object, name: str, value: object) -> None:
         """``setattr(obj, name, value)``, remembering the old value (or its absence)."""
         # a LayerConfig reads the fields it does not override from its base: undo removes the override
@@ -45,19 +85,22 @@ class Transaction:
     def old_value(self, obj: object, name: str, default: object = None) -> object:
         """The value ``obj.name`` had before this transaction first changed it."""
         for kind, o, n, old in self.undo:
-            if o is obj and n == name and kind != "data":
+            if o is obj and n == name and kind not in ("data", "cut"):
                 return old
         return default
 
     def attribute_changes(self) -> list[tuple[object, str, object]]:
         """``(object, attribute, old value)`` of every attribute change, in order."""
-        return [(o, n, old) for kind, o, n, old in self.undo if kind != "data"]
+        return [(o, n, old) for kind, o, n, old in self.undo if kind not in ("data", "cut")]
 
     def rollback(self) -> None:
         """Undo every change, newest first."""
         for kind, obj, name, old in reversed(self.undo):
             if kind == "data":
                 obj.data = old
+            elif kind == "cut":
+                with torch.no_grad():
+                    obj.data = self._uncut(obj, old)
             elif kind == "del":
                 delattr(obj, name)
             else:
