@@ -9,7 +9,7 @@
 from .checkpoint import load_pretrained, save_pretrained
 from .cut import PruneReport, count_parameters, prune, validate_plan, zero_mask
 from .depth import RemovalReport, block_importance, find_blocks, remove_layers, remove_least_important
-from .errors import DepGraphError, PruneError, TraceError, UnsupportedModelError
+from .errors import DepGraphError, HealError, PruneError, TraceError, UnsupportedModelError
 from .experts import (
     ExpertRemovalReport,
     ExpertSet,
@@ -19,6 +19,7 @@ from .experts import (
     remove_least_important_experts,
 )
 from .graph import DependencyGraph, trace
+from .heal import HealReport, heal
 from .groups import Group, GroupKind, Member
 from .importance import criterion, member_scores, score
 from .pruner import Pruner, TargetReport, simulate_params
@@ -37,4 +38,5 @@ __all__ = [
     "TraceError", "UnsupportedModelError", "check_n_m", "count_parameters", "load_pretrained",
     "make_permanent", "prune", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",
     "validate_plan", "zero_mask",
+    "HealError", "HealReport", "heal",
 ]

@@ -17,3 +17,7 @@ class UnsupportedModelError(DepGraphError):
 
 class PruneError(DepGraphError):
     """A pruning plan was rejected; the model was left exactly as it was."""
+
+
+class HealError(DepGraphError):
+    """A healing (fine-tuning) request was rejected before training; the model was left as it was."""
