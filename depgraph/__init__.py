@@ -19,8 +19,8 @@ from .experts import (
     remove_least_important_experts,
 )
 from .graph import DependencyGraph, trace
-from .heal import HealReport, heal
 from .groups import Group, GroupKind, Member
+from .heal import HealReport, heal
 from .importance import criterion, member_scores, score
 from .pruner import Pruner, TargetReport, simulate_params
 from .sparsity import check_n_m, make_permanent, sensitivity, sparsify, storage_report

@@ -381,7 +381,7 @@ def heal(
         scratch = tempfile.TemporaryDirectory(prefix="depgraph-heal-")
     out_dir = ckpt if ckpt is not None else Path(scratch.name if scratch else tempfile.gettempdir()) / "unused"
     saving = ckpt is not None or keep_best
-    args = TrainingArguments(
+    fields = dict(
         output_dir=str(out_dir),
         max_steps=steps if steps is not None else -1,
         num_train_epochs=epochs if epochs is not None else 1.0,
@@ -407,8 +407,9 @@ def heal(
         report_to="none",
         seed=seed,
         data_seed=seed,
-        **(trainer_args or {}),
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
+    args = TrainingArguments(**{**fields, **(trainer_args or {})})
     set_seed(seed)  # LoRA's random init below is then the same on every rank and every run
     guard = _Rollback(model, teacher)
     peft_model = None
