@@ -332,6 +332,7 @@ def heal(
     save_every: int | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    quiet: bool = False,
     seed: int = 0,
     trainer_args: dict[str, Any] | None = None,
 ) -> HealReport:
@@ -351,7 +352,8 @@ def heal(
     held-out next-token loss is measured; with ``patience`` training stops after that many evaluations
     without improvement and the best weights are kept. ``checkpoint_dir`` keeps resumable checkpoints
     (every ``save_every`` steps, default every evaluation); ``resume=True`` continues the last one.
-    ``progress``: bars (True), plain lines on stderr (False) or bars only on a terminal (None).
+    ``progress``: bars (True), plain lines on stderr (False) or bars only on a terminal (None);
+    ``quiet=True``: neither.
     ``trainer_args``: extra :class:`transformers.TrainingArguments` fields (e.g. ``bf16=True``).
 
     Under ``torchrun`` / ``accelerate launch`` the same call trains with DDP (the Trainer sets it up).
@@ -373,6 +375,7 @@ def heal(
     eval_ids = token_windows(eval_data, tokenizer, seq_len, vocab, "eval_data") if eval_data is not None else None
     if progress is None:
         progress = sys.stderr.isatty()
+    progress = progress and not quiet
     log_every = log_every or max(1, (steps or 100) // 20)
     save_steps = save_every or eval_every
     keep_best = patience is not None
@@ -429,7 +432,7 @@ def heal(
                 p.requires_grad_(True)
             trained = model
         trained.train()
-        callbacks = [] if progress else [_progress_callback()]
+        callbacks = [] if progress or quiet else [_progress_callback()]
         if keep_best:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=patience))
         trainer = _trainer_class()(
