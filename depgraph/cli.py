@@ -7,7 +7,7 @@
                      [--experts R] ...
     depgraph heal    MODEL --data FILE --out DIR [--teacher DIR] [--method lora|kd|lora+kd] [--steps N] ...
     depgraph render  MODEL -o graph.svg [--scope model.layers.0] [--level neuron] [--report report.html]
-    depgraph eval    MODEL --ppl FILE [--context-length 128] [--max-tokens N]
+    depgraph eval    MODEL [--ppl FILE] [--lm-eval FILE] [--tasks NAMES] [--context-length 128] [--max-tokens N]
     depgraph demo    [--out out/demo]
 
 ``MODEL`` is a model directory (Hugging Face or written by ``depgraph prune``), a ``config.json`` path
@@ -618,29 +618,57 @@ def _ppl_source(text: str) -> Path:
     raise CLIError(f"--ppl: no such file: {text} (a text file, or 'wikitext' for WikiText-2 test)")
 
 
+def _harness(args: argparse.Namespace, spec: ResolvedSpec, console: Console) -> None:
+    """``--lm-eval FILE`` / ``--tasks``: the lm-evaluation-harness on the saved checkpoint (``--model hf``)."""
+    from .evaluate import LM_EVAL_TASK, lm_eval
+
+    if spec.directory is None:
+        raise CLIError("--lm-eval/--tasks evaluate a saved model directory (lm-eval opens it with from_pretrained)")
+    state = spec.directory / "depgraph.json"
+    config = json.loads((spec.directory / "config.json").read_text())
+    if state.is_file() and not json.loads(state.read_text()).get("hf_compatible", True) \
+            and "auto_map" not in config:
+        raise CLIError(f"{spec.directory} has per-layer sizes that its config.json cannot describe, so "
+                       "from_pretrained (and lm-eval) cannot open it; evaluate it with --ppl instead")
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    try:
+        results = lm_eval(spec.directory, args.lm_eval, tasks=tasks, limit=args.limit, batch_size=args.batch_size)
+    except ImportError as exc:
+        raise CLIError(_one_line(str(exc))) from exc
+    for task, metrics in results.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "sample_len")
+        source = f" (over {args.lm_eval})" if task == LM_EVAL_TASK else ""
+        console.say(f"lm-eval {task}: {shown}{source}")
+
+
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from .data import read_text
     from .evaluate import perplexity
 
     spec = resolve(args.model)
     _require_weights(spec)
-    source = _ppl_source(args.ppl)
-    with console.stages("eval", ["load", "tokenize", "perplexity"]) as stage:
-        stage("load")
-        model = _load(spec, need_weights=True)
-        limit = _max_positions(model)
-        if limit is not None and args.context_length > limit:
-            raise CLIError(f"--context-length {args.context_length} exceeds the model's {limit} positions")
-        stage("tokenize")
-        ids, how = _text_ids(read_text(source), load_tokenizer(spec), model)
-        stage("perplexity")
-        try:
-            result = perplexity(model, ids, context_length=args.context_length, max_tokens=args.max_tokens,
-                                batch_size=args.batch_size, progress=console.bars)
-        except ValueError as exc:
-            raise CLIError(f"cannot score {source}: {exc}", 1) from exc
-    console.say(f"perplexity: {result.ppl:.4f}  (nll {result.nll:.4f} nats/token over {result.tokens:,} "
-                f"tokens, context length {result.context_length}; {source}, {how})")
+    if args.ppl is None and args.lm_eval is None and not args.tasks:
+        raise CLIError("nothing to evaluate: pass --ppl FILE, --lm-eval FILE and/or --tasks NAMES")
+    if args.ppl is not None:
+        source = _ppl_source(args.ppl)
+        with console.stages("eval", ["load", "tokenize", "perplexity"]) as stage:
+            stage("load")
+            model = _load(spec, need_weights=True)
+            limit = _max_positions(model)
+            if limit is not None and args.context_length > limit:
+                raise CLIError(f"--context-length {args.context_length} exceeds the model's {limit} positions")
+            stage("tokenize")
+            ids, how = _text_ids(read_text(source), load_tokenizer(spec), model)
+            stage("perplexity")
+            try:
+                result = perplexity(model, ids, context_length=args.context_length, max_tokens=args.max_tokens,
+                                    batch_size=args.batch_size, progress=console.bars)
+            except ValueError as exc:
+                raise CLIError(f"cannot score {source}: {exc}", 1) from exc
+        console.say(f"perplexity: {result.ppl:.4f}  (nll {result.nll:.4f} nats/token over {result.tokens:,} "
+                    f"tokens, context length {result.context_length}; {source}, {how})")
+    if args.lm_eval is not None or args.tasks:
+        _harness(args, spec, console)
     return 0
 
 
@@ -907,7 +935,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", "perplexity of a causal LM on a text file", cmd_eval)
     p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("--ppl", required=True, metavar="FILE", help="text file (or 'wikitext': WikiText-2 test)")
+    p.add_argument("--ppl", default=None, metavar="FILE", help="text file (or 'wikitext': WikiText-2 test)")
+    p.add_argument("--lm-eval", type=_existing_file, default=None, metavar="FILE",
+                   help="word perplexity of FILE with the lm-evaluation-harness (--model hf; pip install lm-eval)")
+    p.add_argument("--tasks", default=None, metavar="NAMES",
+                   help="comma list of lm-eval tasks to run too (their data must be available offline)")
+    number(p, "--limit", 1, None, "lm-eval: at most N documents per task")
     number(p, "--context-length", 2, 128, "tokens per window (default 128)", metavar="L")
     number(p, "--max-tokens", 2, None, "score only the first N tokens")
     number(p, "--batch-size", 1, 8, "windows per forward pass (default 8)")
