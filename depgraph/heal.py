@@ -14,6 +14,7 @@ included) the model is left exactly as it was.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -224,6 +225,10 @@ def _check(model: nn.Module, method: str, teacher: nn.Module | None, weights: di
     """Every argument error, raised before the model or any file is touched."""
     if method not in METHODS:
         raise HealError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    for needed, why in (("accelerate", "transformers' Trainer"), ("peft", "LoRA")):
+        if (needed == "peft" and not method.startswith("lora")) or importlib.util.find_spec(needed):
+            continue
+        raise HealError(f"{why} needs the {needed} package: pip install 'depgraph[heal]'")
     if not isinstance(model, nn.Module) or not callable(getattr(model, "forward", None)):
         raise HealError(f"model must be a causal-LM nn.Module, got {type(model).__name__}")
     if any(p.device.type == "meta" for p in model.parameters()):
