@@ -774,15 +774,28 @@ def aggregation_summary(rows: list[dict], s: Settings) -> list[dict]:
     return out
 
 
+def gap_closed(entry: dict, entries: list[dict]) -> float | None:
+    """Share of the perplexity gap a recovery closes, measured to the unpruned-LoRA control's result.
+
+    ``(before - after) / (before - control after)``: the control trains the unpruned model the same way,
+    so what it gains is training, not recovery from pruning, and is not counted.
+    """
+    control = next((e for e in entries if e["model"].startswith("unpruned") and e["status"] == "ok"), None)
+    if control is None or entry is control or entry["status"] != "ok":
+        return None
+    gap = entry["ppl_before"] - control["ppl_after"]
+    return (entry["ppl_before"] - entry["ppl_after"]) / gap if gap > 0 else None
+
+
 def recovery_table(entries: list[dict]) -> str:
     body = []
     for e in entries:
         body.append([e["model"], e["recovery"], str(e["steps"]), _f(e.get("budget"), "{:.0%}"),
                      _f(e.get("removed_pct"), "{:.1f}%"), _f(e.get("ppl_before")),
                      _f(e.get("ppl_after")) if e["status"] == "ok" else f"**{e['status']}** {e.get('error', '')}",
-                     _f(e.get("time_s"), "{:.0f}")])
-    return _table(["pruned model", "recovery", "steps", "budget", "removed", "ppl before", "ppl after", "time s"],
-                  body)
+                     _f(gap_closed(e, entries), "{:.0%}"), _f(e.get("time_s"), "{:.0f}")])
+    return _table(["pruned model", "recovery", "steps", "budget", "removed", "ppl before", "ppl after",
+                   "gap closed (vs control)", "time s"], body)
 
 
 def minilm_table(mini: dict) -> str:
