@@ -31,7 +31,7 @@ from torch import nn
 from .data import id_streams
 from .errors import HealError
 
-__all__ = ["METHODS", "HealReport", "heal", "token_windows"]
+__all__ = ["METHODS", "HealReport", "distillation_loss", "heal", "hidden_state_loss", "layer_map", "token_windows"]
 
 METHODS = ("lora", "kd", "lora+kd")
 _DEFAULT_LR = {"lora": 1e-3, "kd": 1e-4, "lora+kd": 1e-3}
@@ -124,7 +124,7 @@ def _num_layers(model: nn.Module) -> int | None:
     return getattr(_text_config(model), "num_hidden_layers", None)
 
 
-def _layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+def layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
     """(student, teacher) indices into ``hidden_states`` (0 = embeddings): proportional, last to last."""
     return [(i, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]
 
@@ -140,7 +140,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor]
                       ) -> torch.Tensor:
     """Minitron's intermediate-state loss: mean over mapped layers of MSE relative to the teacher's scale."""
-    pairs = _layer_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
+    pairs = layer_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
     total = student_hidden[0].new_zeros((), dtype=torch.float32)
     for i, j in pairs:
         s, t = student_hidden[i].float(), teacher_hidden[j].float()

@@ -113,7 +113,7 @@ def test_hidden_state_loss_maps_layers_after_depth_pruning(pair):
     teacher = LlamaForCausalLM(_config(num_hidden_layers=4)).eval()
     student = copy.deepcopy(teacher)
     depgraph.remove_layers(student, [1, 2])
-    assert heal_module._layer_map(2, 4) == [(1, 2), (2, 4)]
+    assert heal_module.layer_map(2, 4) == [(1, 2), (2, 4)]
     report = heal(student, _periodic(), method="kd", teacher=teacher, hidden_weight=1.0, steps=3, batch_size=2,
                   seq_len=16, progress=False)
     assert report.steps == 3 and all(torch.isfinite(torch.tensor(loss)) for _, loss in report.train_loss)
