@@ -362,7 +362,8 @@ def heal(
     ``trainer_args``: extra :class:`transformers.TrainingArguments` fields (e.g. ``bf16=True``).
 
     Under ``torchrun`` / ``accelerate launch`` the same call trains with DDP (the Trainer sets it up).
-    On any failure the model is restored exactly (weights, modules, flags, device) and the error raised;
+    On any failure the model is restored exactly (weights, modules, flags, device; from a CPU copy of its
+    state taken at the start, so healing needs host memory for one more copy) and the error raised;
     argument errors raise :class:`HealError` before anything changes.
     """
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
