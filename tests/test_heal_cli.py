@@ -151,3 +151,18 @@ def test_cli_keeps_torch_default_threads_unless_asked(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-3:] == ["2", "2", "1"]
+
+
+def test_lm_eval_text_task_has_one_document_per_line(tmp_path):
+    from depgraph.evaluate import lm_eval_text_task
+
+    (tmp_path / "t.txt").write_text(" = Title = \n \n First paragraph here . \n\n Second one . \n")
+    name = lm_eval_text_task(tmp_path / "t.txt", tmp_path / "task")
+    spec = json.loads((tmp_path / "task" / f"{name}.yaml").read_text())
+    assert spec["output_type"] == "loglikelihood_rolling"
+    assert [m["metric"] for m in spec["metric_list"]] == ["word_perplexity", "byte_perplexity", "bits_per_byte"]
+    docs = [json.loads(x)["text"] for x in (tmp_path / "task" / f"{name}.jsonl").read_text().splitlines()]
+    assert docs == ["= Title =", "First paragraph here .", "Second one ."]
+    (tmp_path / "empty.txt").write_text(" \n\n")
+    with pytest.raises(ValueError, match="no non-empty line"):
+        lm_eval_text_task(tmp_path / "empty.txt", tmp_path / "task2")
