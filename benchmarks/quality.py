@@ -37,10 +37,11 @@ Rows (tiny Llama; every one is a fresh copy of the same trained model):
   when it fails or hangs the row says so, and the MLP-only / hidden-only configurations are used.
 * unstructured sparsity (``depgraph.sparsify``): magnitude and Wanda at 50% and 2:4; parameters are not
   removed, the rows report non-zeros and run dense kernels.
-* recovery of the best depgraph and the best Torch-Pruning model at the first budget: LoRA (peft,
-  r=8, alpha=16 on q,k,v,o,gate,up,down, merged after) and knowledge distillation (KL to the unpruned
-  teacher's logits, temperature 1, all parameters), ``--recovery-steps`` steps of batch 8 x 128 bytes of
-  ``valid.txt``.
+* recovery of the best depgraph and the best Torch-Pruning model at the first budget with
+  ``depgraph.heal``: LoRA (r=8, alpha=16 on q,k,v,o,gate,up,down, merged after), knowledge distillation
+  (KL to the unpruned teacher's logits, temperature 1, all parameters) and LoRA trained by KD,
+  ``--recovery-steps`` steps of batch 8 x 128 bytes of ``valid.txt`` (constant lr after 10% warmup);
+  the unpruned model gets the same LoRA run as a control.
 
 Every row reports parameters (% removed), MACs of a [1, 128] forward (``common.macs``), CPU latency of
 that forward relative to the unpruned model (interleaved rounds of ``common.latency_ms`` so load drift
@@ -70,7 +71,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve()
@@ -648,75 +648,20 @@ def run_tp(bench: LlamaBench, rows: list[dict], targets: dict[float, int],
 # ----------------------------------------------------------------------------------------- recovery
 
 
-def _train_batches(train_ids: torch.Tensor, steps: int, batch: int, ctx: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    offsets = torch.arange(ctx + 1)
-    for _ in range(steps):
-        starts = torch.randint(0, train_ids.numel() - ctx - 1, (batch,), generator=gen)
-        yield train_ids[starts[:, None] + offsets]
+RECOVERY = {"lora": "LoRA r=8 a=16", "kd": "KD (KL, T=1)", "lora+kd": "LoRA r=8 trained by KD"}
 
 
-def _lr(step: int, steps: int, peak: float) -> float:
-    warm = max(1, steps // 10)
-    return peak * min(1.0, (step + 1) / warm)
-
-
-def recover_lora(bench: LlamaBench, model: nn.Module) -> tuple[nn.Module, list[float]]:
-    """LoRA (r=8, alpha=16, dropout 0.05) on every projection, next-token loss; merged back after."""
-    from peft import LoraConfig, get_peft_model
-
+def recover(bench: LlamaBench, model: nn.Module, method: str) -> tuple[nn.Module, list[float]]:
+    """``depgraph.heal`` on a copy of ``model``: LoRA on every projection, KD to the unpruned model, or both."""
     s = bench.settings
-    torch.manual_seed(s.seed)
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none")
-    peft_model = get_peft_model(copy.deepcopy(model), cfg)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lora_lr, weight_decay=0.0)
-    peft_model.train()
-    losses = []
-    for step, batch in enumerate(_train_batches(bench.train_ids, s.recovery_steps, s.recovery_batch, s.context,
-                                                s.seed + 1)):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, s.recovery_steps, s.lora_lr)
-        logits = peft_model(input_ids=batch[:, :-1], use_cache=False).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0:
-            log(f"  LoRA step {step + 1}/{s.recovery_steps} loss {loss.item():.4f}")
-    merged = peft_model.merge_and_unload()
-    merged.eval()
-    return merged, losses
-
-
-def recover_kd(bench: LlamaBench, model: nn.Module) -> tuple[nn.Module, list[float]]:
-    """Knowledge distillation: KL(teacher || student) on every position, temperature 1, all parameters."""
-    s = bench.settings
-    torch.manual_seed(s.seed)
-    student = copy.deepcopy(model)
-    student.train()
-    teacher = bench.model
-    opt = torch.optim.AdamW(student.parameters(), lr=s.kd_lr, weight_decay=0.0)
-    losses = []
-    for step, batch in enumerate(_train_batches(bench.train_ids, s.recovery_steps, s.recovery_batch, s.context,
-                                                s.seed + 1)):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, s.recovery_steps, s.kd_lr)
-        x = batch[:, :-1]
-        with torch.no_grad():
-            t_logp = F.log_softmax(teacher(input_ids=x, use_cache=False).logits.float(), -1)
-        s_logp = F.log_softmax(student(input_ids=x, use_cache=False).logits.float(), -1)
-        loss = F.kl_div(s_logp.reshape(-1, s_logp.shape[-1]), t_logp.reshape(-1, t_logp.shape[-1]),
-                        log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0:
-            log(f"  KD step {step + 1}/{s.recovery_steps} KL {loss.item():.4f}")
-    student.eval()
-    return student, losses
+    healed = copy.deepcopy(model)
+    lr = s.kd_lr if method == "kd" else s.lora_lr
+    report = depgraph.heal(healed, bench.train_ids, method=method, teacher=None if method == "lora" else bench.model,
+                           seq_len=s.context, steps=s.recovery_steps, batch_size=s.recovery_batch, lr=lr,
+                           scheduler="constant_with_warmup", warmup=0.1, lora_targets=LORA_TARGETS,
+                           log_every=1, quiet=True, seed=s.seed)
+    healed.eval()
+    return healed, [loss for _, loss in report.train_loss]
 
 
 def run_recovery(bench: LlamaBench, candidates: list[tuple[str, nn.Module, dict]],
@@ -728,12 +673,12 @@ def run_recovery(bench: LlamaBench, candidates: list[tuple[str, nn.Module, dict]
     """
     s = bench.settings
     out = []
-    runs = [(c, kind) for c in candidates for kind in ("lora", "kd")] + ([(control, "lora")] if control else [])
+    runs = [(c, kind) for c in candidates for kind in RECOVERY] + ([(control, "lora")] if control else [])
     for (label, model, row), which in runs:
-        kind, fn = {"lora": ("LoRA r=8 a=16", recover_lora), "kd": ("KD (KL, T=1)", recover_kd)}[which]
+        kind = RECOVERY[which]
         t = time.perf_counter()
         try:
-            rec, losses = fn(bench, model)
+            rec, losses = recover(bench, model, which)
             ppl = bench.ppl(rec)
             entry = {"model": label, "recovery": kind, "steps": s.recovery_steps, "budget": row["budget"],
                      "params": param_count(rec), "removed_pct": row["removed_pct"], "ppl_before": row["ppl"],
@@ -921,15 +866,28 @@ def aggregation_summary(rows: list[dict], s: Settings) -> list[dict]:
     return out
 
 
+def gap_closed(entry: dict, entries: list[dict]) -> float | None:
+    """Share of the perplexity gap a recovery closes, measured to the unpruned-LoRA control's result.
+
+    ``(before - after) / (before - control after)``: the control trains the unpruned model the same way,
+    so what it gains is training, not recovery from pruning, and is not counted.
+    """
+    control = next((e for e in entries if e["model"].startswith("unpruned") and e["status"] == "ok"), None)
+    if control is None or entry is control or entry["status"] != "ok":
+        return None
+    gap = entry["ppl_before"] - control["ppl_after"]
+    return (entry["ppl_before"] - entry["ppl_after"]) / gap if gap > 0 else None
+
+
 def recovery_table(entries: list[dict]) -> str:
     body = []
     for e in entries:
         body.append([e["model"], e["recovery"], str(e["steps"]), _f(e.get("budget"), "{:.0%}"),
                      _f(e.get("removed_pct"), "{:.1f}%"), _f(e.get("ppl_before")),
                      _f(e.get("ppl_after")) if e["status"] == "ok" else f"**{e['status']}** {e.get('error', '')}",
-                     _f(e.get("time_s"), "{:.0f}")])
-    return _table(["pruned model", "recovery", "steps", "budget", "removed", "ppl before", "ppl after", "time s"],
-                  body)
+                     _f(gap_closed(e, entries), "{:.0%}"), _f(e.get("time_s"), "{:.0f}")])
+    return _table(["pruned model", "recovery", "steps", "budget", "removed", "ppl before", "ppl after",
+                   "gap closed (vs control)", "time s"], body)
 
 
 def minilm_table(mini: dict) -> str:

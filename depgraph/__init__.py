@@ -9,7 +9,15 @@
 from .checkpoint import load_pretrained, save_pretrained
 from .cut import PruneReport, prune, validate_plan, zero_mask
 from .depth import RemovalReport, block_importance, find_blocks, remove_layers, remove_least_important
-from .errors import CalibrationError, DepGraphError, PlanError, PruneError, TraceError, UnsupportedModelError
+from .errors import (
+    CalibrationError,
+    DepGraphError,
+    HealError,
+    PlanError,
+    PruneError,
+    TraceError,
+    UnsupportedModelError,
+)
 from .experts import (
     ExpertRemovalReport,
     ExpertSet,
@@ -20,6 +28,7 @@ from .experts import (
 )
 from .graph import DependencyGraph, trace
 from .groups import Group, GroupKind, Member
+from .heal import HealReport, heal
 from .importance import criterion, member_scores, score
 from .optim import cut_optimizer_state
 from .pruner import KindResult, Pruner, TargetReport, simulate_params
@@ -43,4 +52,5 @@ __all__ = [
     "TraceError", "UnsupportedModelError", "check_n_m", "count_parameters", "load_pretrained",
     "make_permanent", "prune", "reconstruct", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",
     "validate_plan", "zero_mask",
+    "HealError", "HealReport", "heal",
 ]

@@ -1,17 +1,20 @@
-"""The ``depgraph`` command line: inspect, prune, render, eval and demo.
+"""The ``depgraph`` command line: inspect, prune, heal, render, eval and demo.
 
 ::
 
     depgraph inspect MODEL [--meta] [--json] [--kind A|B|C]
-    depgraph prune   MODEL --ratio 0.2 --criterion l2 --out DIR [--strategy block|channel|all] ...
-                     [--kind-ratios A=0.3,B=0.25] [--no-hf-loadable] [--allow-partial]
+    depgraph prune   MODEL --ratio 0.2 --criterion l2 --out DIR [--strategy block|channel|all] [--depth N]
+                     [--experts R] [--kind-ratios A=0.3,B=0.25] [--no-hf-loadable] [--allow-partial]
+                     [--reconstruct lsq|bias] [--sequential]
+    depgraph heal    MODEL --data FILE --out DIR [--teacher DIR] [--method lora|kd|lora+kd] [--steps N] ...
     depgraph render  MODEL -o graph.svg [--scope model.layers.0] [--level neuron] [--report report.html]
-    depgraph eval    MODEL --ppl FILE [--context-length 128] [--max-tokens N]
+    depgraph eval    MODEL [--ppl FILE] [--lm-eval FILE] [--tasks NAMES] [--context-length 128] [--max-tokens N]
     depgraph demo    [--out out/demo]
 
 ``MODEL`` is a model directory (Hugging Face or written by ``depgraph prune``), a ``config.json`` path
 (random weights, or shapes only with ``--meta``) or a built-in demo name (:mod:`depgraph.models`).
-Progress bars go to stderr (``-q`` silences them), results to stdout. Every failure prints one line,
+Progress goes to stderr: bars on a terminal, plain lines when stderr is a file or pipe (``-q`` silences
+both); results go to stdout. Torch uses its default thread count unless ``--threads N``. Every failure prints one line,
 ``depgraph: error: ...``, and exits non-zero: 2 for bad arguments (unknown path, ratio outside (0, 1),
 unknown criterion), 1 when the work itself fails; ``--debug`` shows the traceback instead.
 """
@@ -76,8 +79,19 @@ class _Parser(argparse.ArgumentParser):
 class Console:
     """Results to stdout (above any progress bar), stage progress bars to stderr unless ``quiet``."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, terminal: bool | None = None):
         self.quiet = quiet
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+
+    @property
+    def bars(self) -> bool:
+        """Progress bars: on a terminal only (a file or pipe gets plain lines instead), never with -q."""
+        return self.terminal and not self.quiet
+
+    def note(self, text: str) -> None:
+        """A plain progress line on stderr, for output that is not a terminal (silenced by -q)."""
+        if not self.quiet and not self.terminal:
+            print(f"{PROG}: {text}", file=sys.stderr, flush=True)
 
     def say(self, text: str = "") -> None:
         tqdm.write(text, file=sys.stdout)
@@ -88,15 +102,17 @@ class Console:
     @contextlib.contextmanager
     def stages(self, title: str, names: Sequence[str]) -> Iterator[Callable[[str], None]]:
         """A bar over the named stages of one command; call the yielded function as each one starts."""
-        bar = tqdm(total=len(names), desc=title, leave=False, file=sys.stderr, disable=self.quiet,
+        bar = tqdm(total=len(names), desc=title, leave=False, file=sys.stderr, disable=not self.bars,
                    bar_format="{desc} [{n_fmt}/{total_fmt} stages, {elapsed}]")
-        started = [False]
+        started = [0]  # stages begun so far (a disabled tqdm does not count)
+        clock = time.perf_counter()
 
         def start(name: str) -> None:
             if started[0]:
                 bar.update(1)
-            started[0] = True
+            started[0] += 1
             bar.set_description_str(f"{title}: {name}")
+            self.note(f"{title}: {name} ({started[0]}/{len(names)}, {time.perf_counter() - clock:.0f} s)")
 
         try:
             yield start
@@ -363,6 +379,35 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
 # ---- prune ---------------------------------------------------------------------------------------
 
 
+def _remove_structures(args: argparse.Namespace, console: Console, model: nn.Module, calib: Any) -> dict:
+    """``--experts R`` then ``--depth N``: whole experts and whole blocks, scored on the calibration data."""
+    from . import depth, experts
+
+    done: dict[str, Any] = {}
+    if args.experts is not None:
+        sets = experts.find_experts(model)
+        if not list(sets):
+            hint = f" ({'; '.join(sets.warnings)})" if sets.warnings else ""
+            raise CLIError(f"--experts: {type(model).__name__} has no mixture-of-experts block depgraph can "
+                           f"remove experts from{hint}")
+        scores = experts.expert_importance(model, calib, sets=sets, progress=console.bars)
+        report = experts.remove_least_important_experts(model, scores, ratio=args.experts)
+        done["experts"] = {"ratio": args.experts, "metric": "gate_mass",
+                           "removed": {k: list(v) for k, v in report.removed.items()},
+                           "remaining": report.remaining}
+        console.say(str(report))
+    if args.depth is not None:
+        path, blocks = depth.find_blocks(model)
+        if args.depth >= len(blocks):
+            raise CLIError(f"--depth {args.depth}: {path} has {len(blocks)} blocks and at least one must stay")
+        scores = depth.block_importance(model, calib, progress=console.bars)
+        report = depth.remove_least_important(model, scores, args.depth)
+        done["depth"] = {"metric": "cosine", "path": report.path, "removed": list(report.removed),
+                         "scores": [round(float(x), 6) for x in scores]}
+        console.say(str(report))
+    return done
+
+
 def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     from .cut import count_parameters
     from .pruner import Pruner
@@ -373,45 +418,64 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
     start = time.perf_counter()
-    needs_calib = importance.CRITERIA[args.criterion].needs_calib or args.reconstruct is not None
     if args.sequential and args.reconstruct is None:
         raise CLIError("--sequential reconstructs layer by layer: add --reconstruct lsq (or bias)")
-    with console.stages("prune", ["load", "trace", "calibration", "score and cut", "save"]) as stage:
+    structural = args.depth is not None or args.experts is not None
+    width = args.ratio is not None or bool(args.kind_ratios) or not structural  # --depth/--experts alone: no width
+    ratio = args.ratio if args.ratio is not None else 0.2
+    needs_calib = structural or (width and (importance.CRITERIA[args.criterion].needs_calib
+                                            or args.reconstruct is not None))
+    stages = ["load", "calibration"] + (["experts and depth"] if structural else []) + ["trace", "score and cut",
+                                                                                        "save"]
+    pruner = None
+    target = None
+    before: dict[int, int] = {}
+    removed: dict[int, list[int]] = {}
+    with console.stages("prune", stages) as stage:
         stage("load")
         model = _load(spec, need_weights=True)
-        stage("trace")
-        graph = _trace(model)
+        tokenizer = load_tokenizer(spec)
+        params_before = count_parameters(model)
         stage("calibration")
         calib, calib_about = None, None
         if needs_calib:
             tokenizer = _tokenizer(spec, args.tokenizer, model)
             calib, calib_about = _calibration(model, tokenizer, args.calib, args.calib_samples, args.seq_len,
                                               args.seed)
+        whole = {}
+        if structural:
+            stage("experts and depth")
+            whole = _remove_structures(args, console, model, calib)
+        stage("trace")
+        graph = _trace(model) if width else None
         stage("score and cut")
-        hf_loadable = args.hf_loadable
-        if hf_loadable is None:  # on by default, unless the options ask for per-layer widths
-            hf_loadable = args.scope == "local" and not (args.skip_first or args.skip_last)
-        pruner = Pruner(graph, criterion=args.criterion, aggregate=args.aggregate,
-                        ratio=args.kind_ratios or args.ratio, target=args.target, scope=args.scope,
-                        structure=args.strategy, skip_first=args.skip_first, skip_last=args.skip_last,
-                        round_to=args.round_to, head_round_to=args.head_round_to, steps=args.steps,
-                        calib=calib, seed=args.seed, progress=not console.quiet, hf_loadable=hf_loadable,
-                        allow_partial=args.allow_partial, reconstruct=args.reconstruct,
-                        sequential=args.sequential)
-        if not pruner.groups:
-            raise CLIError(f"no group to prune: strategy {args.strategy!r} with --skip-first "
-                           f"{args.skip_first} --skip-last {args.skip_last} selects none ({graph!r})", 1)
-        before = {id(g): g.size for g in pruner.groups}
-        alive = {id(g): list(range(g.size)) for g in pruner.groups}  # current unit id -> original unit id
-        removed: dict[int, list[int]] = {id(g): [] for g in pruner.groups}
-        for _ in range(args.steps):
-            plan = pruner.plan()
-            plan = getattr(pruner.step(plan), "plan", plan)  # sequential obs re-chooses units layer by layer
-            for group, units in plan.items():
-                gone = set(units)
-                removed[id(group)].extend(alive[id(group)][u] for u in units)
-                alive[id(group)] = [o for u, o in enumerate(alive[id(group)]) if u not in gone]
-        target = pruner.history[-1].target if pruner.history else None
+        if width:
+            hf_loadable = args.hf_loadable
+            if hf_loadable is None:  # on by default, unless the options ask for per-layer widths
+                hf_loadable = args.scope == "local" and not (args.skip_first or args.skip_last)
+            pruner = Pruner(graph, criterion=args.criterion, aggregate=args.aggregate,
+                            ratio=args.kind_ratios or ratio, target=args.target, scope=args.scope,
+                            structure=args.strategy, skip_first=args.skip_first, skip_last=args.skip_last,
+                            round_to=args.round_to, head_round_to=args.head_round_to, steps=args.steps,
+                            calib=calib, seed=args.seed, progress=console.bars, hf_loadable=hf_loadable,
+                            allow_partial=args.allow_partial, reconstruct=args.reconstruct,
+                            sequential=args.sequential)
+            if not pruner.groups:
+                raise CLIError(f"no group to prune: strategy {args.strategy!r} with --skip-first "
+                               f"{args.skip_first} --skip-last {args.skip_last} selects none ({graph!r})", 1)
+            before = {id(g): g.size for g in pruner.groups}
+            alive = {id(g): list(range(g.size)) for g in pruner.groups}  # current unit id -> original unit id
+            removed = {id(g): [] for g in pruner.groups}
+            for _ in range(args.steps):
+                plan = pruner.plan()
+                plan = getattr(pruner.step(plan), "plan", plan)  # sequential obs re-chooses units layer by layer
+                for group, units in plan.items():
+                    gone = set(units)
+                    removed[id(group)].extend(alive[id(group)][u] for u in units)
+                    alive[id(group)] = [o for u, o in enumerate(alive[id(group)]) if u not in gone]
+            target = pruner.history[-1].target if pruner.history else None
+        else:
+            hf_loadable = None
         stage("save")
         _save(model, out)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
@@ -419,39 +483,131 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
         params_after = count_parameters(model)
         record = {
             "model": args.model, "class": type(model).__name__, "criterion": args.criterion,
-            "aggregate": args.aggregate, "ratio": args.ratio, "strategy": args.strategy, "scope": args.scope,
-            "target": args.target, "skip_first": args.skip_first, "skip_last": args.skip_last,
-            "round_to": args.round_to, "head_round_to": args.head_round_to, "kind_ratios": args.kind_ratios,
-            "hf_loadable": hf_loadable, "steps": args.steps, "seed": args.seed, "calibration": calib_about,
-            "reconstruct": args.reconstruct, "sequential": args.sequential,
-            "params_before": pruner.params_before, "params_after": params_after,
+            "aggregate": args.aggregate, "ratio": ratio if width else None, "strategy": args.strategy,
+            "scope": args.scope, "target": args.target, "skip_first": args.skip_first,
+            "skip_last": args.skip_last, "round_to": args.round_to, "head_round_to": args.head_round_to,
+            "kind_ratios": args.kind_ratios, "hf_loadable": hf_loadable, "steps": args.steps, "seed": args.seed,
+            "calibration": calib_about, "reconstruct": args.reconstruct, "sequential": args.sequential,
+            "params_before": params_before, "params_after": params_after,
             "achieved": {k: r.ratio for k, r in target.kinds.items()} if target is not None else {},
             "plain_hf": target.hf_reason is None if target is not None else None,
             "notes": target.notes if target is not None else [],
+            **whole,
             "groups": {g.name: {"kind": g.kind.value, "before": before[id(g)], "after": g.size,
-                                "removed": sorted(removed[id(g)])} for g in pruner.groups},
+                                "removed": sorted(removed[id(g)])} for g in (pruner.groups if pruner else [])},
         }
         (out / "plan.json").write_text(_compact_json(record) + "\n")
     took = time.perf_counter() - start
     if calib_about:
         console.say(f"calibration: {calib_about}")
-    for warning in graph.warnings:
+    for warning in graph.warnings if graph is not None else []:
         console.say(f"warning: {warning}")
-    cut = sum(1 for g in pruner.groups if removed[id(g)])
-    units = sum(len(v) for v in removed.values())
-    console.say(f"pruned {units} units in {cut} of {len(pruner.groups)} groups "
-                f"({args.strategy}, {args.scope}, {args.criterion}/{args.aggregate})")
-    if target is not None:
-        console.say(str(target))  # per-kind ratios, notes, and whether plain from_pretrained loads it
-    for report in pruner.history:
-        if getattr(report, "reconstruction", None) is not None:
-            console.say(str(report.reconstruction))
-    console.say(f"parameters: {pruner.params_before:,} -> {params_after:,} "
-                f"({1 - params_after / max(pruner.params_before, 1):.2%} removed)")
+    if pruner is not None:
+        cut = sum(1 for g in pruner.groups if removed[id(g)])
+        units = sum(len(v) for v in removed.values())
+        console.say(f"pruned {units} units in {cut} of {len(pruner.groups)} groups "
+                    f"({args.strategy}, {args.scope}, {args.criterion}/{args.aggregate})")
+        if target is not None:
+            console.say(str(target))  # per-kind ratios, notes, and whether plain from_pretrained loads it
+        for report in pruner.history:
+            if getattr(report, "reconstruction", None) is not None:
+                console.say(str(report.reconstruction))
+    console.say(f"parameters: {params_before:,} -> {params_after:,} "
+                f"({1 - params_after / max(params_before, 1):.2%} removed)")
     console.say(f"time: {took:.1f} s")
     reload = ("depgraph.load_pretrained or transformers' from_pretrained" if target is None or
               target.hf_reason is None else "depgraph.load_pretrained")
     console.say(f"wrote {out}/ (reload with {reload}) and {out / 'plan.json'}")
+    return 0
+
+
+# ---- heal ----------------------------------------------------------------------------------------
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Make ``tmp`` (a finished directory) be ``out``; an older ``out`` goes only once the new one is there."""
+    import shutil
+
+    old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+    if old is not None:
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def cmd_heal(args: argparse.Namespace, console: Console) -> int:
+    import shutil
+    import tempfile
+
+    from .cut import count_parameters
+    from .data import read_text
+    from .errors import HealError
+    from .heal import heal
+
+    spec = resolve(args.model)
+    _require_weights(spec)
+    teacher_spec = resolve(args.teacher) if args.teacher else None
+    if teacher_spec is not None:
+        _require_weights(teacher_spec)
+    method = args.method or ("lora+kd" if teacher_spec is not None else "lora")
+    if "kd" in method and teacher_spec is None:
+        raise CLIError(f"--method {method} distils from a teacher: pass --teacher DIR (the unpruned model)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    start = time.perf_counter()
+    with console.stages("heal", ["load", "tokenize", "train", "save"]) as stage:
+        stage("load")
+        model = _load(spec, need_weights=True)
+        tokenizer = _tokenizer(spec, args.tokenizer, model)
+        teacher = _load(teacher_spec, need_weights=True) if teacher_spec is not None else None
+        stage("tokenize")
+        data, how = _text_ids(read_text(args.data), tokenizer)
+        held_out = _text_ids(read_text(args.eval_data), tokenizer)[0] if args.eval_data else None
+        stage("train")
+        params = count_parameters(model)
+        targets = args.lora_targets.split(",") if args.lora_targets else "all-linear"
+        try:
+            report = heal(model, data, method=method, teacher=teacher, eval_data=held_out, seq_len=args.seq_len,
+                          steps=args.steps if args.epochs is None else None, epochs=args.epochs,
+                          batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                          scheduler=args.scheduler, warmup=args.warmup, lora_rank=args.lora_rank,
+                          lora_alpha=args.lora_alpha, lora_targets=targets, temperature=args.temperature,
+                          ce_weight=args.ce_weight, hidden_weight=args.hidden_weight, eval_every=args.eval_every,
+                          patience=args.patience, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                          progress=console.bars, quiet=console.quiet, seed=args.seed)
+        except HealError as exc:
+            raise CLIError(_one_line(str(exc))) from exc
+        stage("save")
+        if not report.is_main_process:  # the other DDP ranks hold the same weights: rank 0 writes
+            return 0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            _save(model, tmp)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
+            record = {"model": args.model, "teacher": args.teacher, "method": method, "data": str(args.data),
+                      "tokens": f"{how}", "eval_data": str(args.eval_data) if args.eval_data else None,
+                      "steps": report.steps, "best_step": report.best_step, "stopped_early": report.stopped_early,
+                      "resumed_from": report.resumed_from, "train_loss": report.train_loss,
+                      "eval_loss": report.eval_loss, "eval_ppl": report.eval_ppl, "parameters": params}
+            (tmp / "heal.json").write_text(_compact_json(record) + "\n")
+            _swap_in(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    console.say(f"tokens: {how}")
+    console.say(str(report))
+    console.say(f"parameters: {params:,} (shape unchanged; adapters merged)")
+    console.say(f"time: {time.perf_counter() - start:.1f} s")
+    console.say(f"wrote {out}/ and {out / 'heal.json'}. Next: depgraph eval {out} --ppl FILE")
     return 0
 
 
@@ -504,29 +660,57 @@ def _ppl_source(text: str) -> Path:
     raise CLIError(f"--ppl: no such file: {text} (a text file, or 'wikitext' for WikiText-2 test)")
 
 
+def _harness(args: argparse.Namespace, spec: ResolvedSpec, console: Console) -> None:
+    """``--lm-eval FILE`` / ``--tasks``: the lm-evaluation-harness on the saved checkpoint (``--model hf``)."""
+    from .evaluate import LM_EVAL_TASK, lm_eval
+
+    if spec.directory is None:
+        raise CLIError("--lm-eval/--tasks evaluate a saved model directory (lm-eval opens it with from_pretrained)")
+    state = spec.directory / "depgraph.json"
+    config = json.loads((spec.directory / "config.json").read_text())
+    if state.is_file() and not json.loads(state.read_text()).get("hf_compatible", True) \
+            and "auto_map" not in config:
+        raise CLIError(f"{spec.directory} has per-layer sizes that its config.json cannot describe, so "
+                       "from_pretrained (and lm-eval) cannot open it; evaluate it with --ppl instead")
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    try:
+        results = lm_eval(spec.directory, args.lm_eval, tasks=tasks, limit=args.limit, batch_size=args.batch_size)
+    except ImportError as exc:
+        raise CLIError(_one_line(str(exc))) from exc
+    for task, metrics in results.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "sample_len")
+        source = f" (over {args.lm_eval})" if task == LM_EVAL_TASK else ""
+        console.say(f"lm-eval {task}: {shown}{source}")
+
+
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from .data import read_text
     from .evaluate import perplexity
 
     spec = resolve(args.model)
     _require_weights(spec)
-    source = _ppl_source(args.ppl)
-    with console.stages("eval", ["load", "tokenize", "perplexity"]) as stage:
-        stage("load")
-        model = _load(spec, need_weights=True)
-        limit = _max_positions(model)
-        if limit is not None and args.context_length > limit:
-            raise CLIError(f"--context-length {args.context_length} exceeds the model's {limit} positions")
-        stage("tokenize")
-        ids, how = _text_ids(read_text(source), _tokenizer(spec, args.tokenizer, model))
-        stage("perplexity")
-        try:
-            result = perplexity(model, ids, context_length=args.context_length, max_tokens=args.max_tokens,
-                                batch_size=args.batch_size, progress=not console.quiet)
-        except ValueError as exc:
-            raise CLIError(f"cannot score {source}: {exc}", 1) from exc
-    console.say(f"perplexity: {result.ppl:.4f}  (nll {result.nll:.4f} nats/token over {result.tokens:,} "
-                f"tokens, context length {result.context_length}; {source}, {how})")
+    if args.ppl is None and args.lm_eval is None and not args.tasks:
+        raise CLIError("nothing to evaluate: pass --ppl FILE, --lm-eval FILE and/or --tasks NAMES")
+    if args.ppl is not None:
+        source = _ppl_source(args.ppl)
+        with console.stages("eval", ["load", "tokenize", "perplexity"]) as stage:
+            stage("load")
+            model = _load(spec, need_weights=True)
+            limit = _max_positions(model)
+            if limit is not None and args.context_length > limit:
+                raise CLIError(f"--context-length {args.context_length} exceeds the model's {limit} positions")
+            stage("tokenize")
+            ids, how = _text_ids(read_text(source), _tokenizer(spec, args.tokenizer, model))
+            stage("perplexity")
+            try:
+                result = perplexity(model, ids, context_length=args.context_length, max_tokens=args.max_tokens,
+                                    batch_size=args.batch_size, progress=console.bars)
+            except ValueError as exc:
+                raise CLIError(f"cannot score {source}: {exc}", 1) from exc
+        console.say(f"perplexity: {result.ppl:.4f}  (nll {result.nll:.4f} nats/token over {result.tokens:,} "
+                    f"tokens, context length {result.context_length}; {source}, {how})")
+    if args.lm_eval is not None or args.tasks:
+        _harness(args, spec, console)
     return 0
 
 
@@ -586,7 +770,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         console.header("3. score: l2 (weights) and taylor_first (|g*W|, calibration loss)")
         console.say(f"calibration: {about}")
         l2 = importance.score(graph, "l2", progress=False)
-        taylor = importance.score(graph, "taylor_first", calib=calib, progress=not console.quiet)
+        taylor = importance.score(graph, "taylor_first", calib=calib, progress=console.bars)
         rows = [[g.kind.value, g.name, g.size, f"{_spearman(l2[g], taylor[g]):+.2f}",
                  " ".join(str(int(u)) for u in importance.ranking(taylor[g])[:5])] for g in graph.groups()]
         header = ["kind", "group", "units", "rank corr(l2, taylor)", "least important (taylor)"]
@@ -684,8 +868,8 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", default=default(False), help="no progress bars")
     parser.add_argument("--debug", action="store_true", default=default(False),
                         help="show the traceback of an error")
-    parser.add_argument("--threads", type=_int_at_least(1), metavar="N", default=default(1),
-                        help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=_int_at_least(1), metavar="N", default=default(None),
+                        help="torch CPU threads (default: torch's own, usually one per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -717,8 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", "score and cut units, then save the pruned model and plan.json", cmd_prune)
     p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("--ratio", type=_ratio, default=0.2, metavar="R", help="fraction to remove, in (0, 1) "
-                   "(default 0.2)")
+    p.add_argument("--ratio", type=_ratio, default=None, metavar="R", help="fraction of width to remove, in "
+                   "(0, 1) (default 0.2; no width pruning when only --depth/--experts are given)")
     p.add_argument("--criterion", type=_criterion, default="taylor_first", metavar="NAME",
                    help="importance criterion (default taylor_first): "
                    + ", ".join(sorted(importance.CRITERIA)))
@@ -756,7 +940,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true",
                    help="with --reconstruct: decoder layer by decoder layer (with --criterion obs, re-choose "
                    "each layer's units)")
+    number(p, "--depth", 1, None, "first remove the N least important whole blocks (block importance: "
+           "1 - cos(block input, output) on the calibration data)")
+    p.add_argument("--experts", type=_ratio, default=None, metavar="R",
+                   help="first remove this fraction of the routed experts of every MoE block (least routing "
+                   "weight on the calibration data)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+
+    p = command("heal", "recover a pruned model: LoRA, distillation from the unpruned teacher, or both",
+                cmd_heal)
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--data", type=_existing_file, required=True, metavar="FILE", help="training text file")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                   help="directory whose tokenizer reads the text (default: the model's own)")
+    p.add_argument("--teacher", default=None, metavar="MODEL", help="the unpruned model to distil from")
+    p.add_argument("--method", choices=["lora", "kd", "lora+kd"], default=None,
+                   help="default: lora+kd with --teacher, else lora")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (the healed model)")
+    p.add_argument("--eval-data", type=_existing_file, default=None, metavar="FILE",
+                   help="held-out text for periodic evaluation and early stopping")
+    number(p, "--steps", 1, 100, "optimizer steps (default 100)")
+    p.add_argument("--epochs", type=float, default=None, metavar="E", help="passes over --data instead of --steps")
+    number(p, "--batch-size", 1, 8, "windows per device per step (default 8)")
+    number(p, "--grad-accum", 1, 1, "gradient accumulation steps (default 1)")
+    number(p, "--seq-len", 2, 128, "tokens per window (default 128)", metavar="L")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 LoRA, 1e-4 KD)")
+    p.add_argument("--scheduler", default="cosine", metavar="NAME",
+                   help="transformers lr schedule: cosine (default), linear, constant_with_warmup, ...")
+    p.add_argument("--warmup", type=float, default=0.1, metavar="W",
+                   help="warmup: a fraction of the steps (< 1) or a step count (default 0.1)")
+    number(p, "--lora-rank", 1, 8, "LoRA rank (default 8)", metavar="R")
+    p.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="LoRA alpha (default 16)")
+    p.add_argument("--lora-targets", default=None, metavar="NAMES",
+                   help="comma list of module names (default: every Linear layer but the output head)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="distillation temperature")
+    p.add_argument("--ce-weight", type=float, default=None, metavar="W",
+                   help="next-token loss weight (default 1 for lora, 0 with a teacher)")
+    p.add_argument("--hidden-weight", type=float, default=0.0, metavar="W",
+                   help="Minitron hidden-state loss weight (default 0)")
+    number(p, "--eval-every", 1, None, "evaluate --eval-data every N steps")
+    number(p, "--patience", 1, None, "stop after N evaluations without improvement (keeps the best)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="keep resumable checkpoints here")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed (data order, LoRA init)")
 
     p = command("render", "draw the dependency graph (SVG/PNG/PDF/DOT) and an HTML report", cmd_render)
     p.add_argument("model", metavar="MODEL", help=model_help)
@@ -770,7 +996,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", "perplexity of a causal LM on a text file", cmd_eval)
     p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("--ppl", required=True, metavar="FILE", help="text file (or 'wikitext': WikiText-2 test)")
+    p.add_argument("--ppl", default=None, metavar="FILE", help="text file (or 'wikitext': WikiText-2 test)")
+    p.add_argument("--lm-eval", type=_existing_file, default=None, metavar="FILE",
+                   help="word perplexity of FILE with the lm-evaluation-harness (--model hf; pip install lm-eval)")
+    p.add_argument("--tasks", default=None, metavar="NAMES",
+                   help="comma list of lm-eval tasks to run too (their data must be available offline)")
+    number(p, "--limit", 1, None, "lm-eval: at most N documents per task")
     number(p, "--context-length", 2, 128, "tokens per window (default 128)", metavar="L")
     number(p, "--max-tokens", 2, None, "score only the first N tokens")
     number(p, "--batch-size", 1, 8, "windows per forward pass (default 8)")
@@ -817,12 +1048,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
-    torch.set_num_threads(args.threads)
-    if args.quiet:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    console = Console(quiet=args.quiet)
+    if not console.bars:  # transformers' own bars (weight loading, shard writing): terminals only too
         with contextlib.suppress(ImportError):
             import transformers
 
-            transformers.logging.set_verbosity_error()
+            if args.quiet:
+                transformers.logging.set_verbosity_error()
             transformers.logging.disable_progress_bar()
         with contextlib.suppress(ImportError):
             import huggingface_hub.utils
@@ -831,7 +1065,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:  # graph warnings are printed by the commands themselves
         logging.getLogger("depgraph").addHandler(logging.NullHandler())
         logging.getLogger("depgraph").propagate = False
-    console = Console(quiet=args.quiet)
     try:
         return int(args.func(args, console) or 0)
     except KeyboardInterrupt:

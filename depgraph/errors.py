@@ -34,3 +34,7 @@ class DataNotFoundError(DepGraphError, FileNotFoundError):
 
 class PlanError(PruneError, ValueError):
     """A pruning argument or plan was rejected before anything was cut (names the accepted values)."""
+
+
+class HealError(DepGraphError):
+    """A healing (fine-tuning) request was rejected before training; the model was left as it was."""

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import re
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +23,8 @@ from depgraph.data import default_text_path, id_streams, read_text
 __all__ = [
     "PerplexityResult",
     "embedding_agreement",
+    "lm_eval",
+    "lm_eval_text_task",
     "load_minilm",
     "perplexity",
     "sentence_embeddings",
@@ -281,3 +288,76 @@ def wikitext_sentences(
         return sentences
     keep = sorted(random.Random(seed).sample(range(len(sentences)), n))
     return [sentences[i] for i in keep]
+
+
+# ---------------------------------------------------------------------------------------------------
+# lm-evaluation-harness (optional: pip install 'depgraph[eval]')
+
+LM_EVAL_TASK = "depgraph_text"
+_LM_EVAL_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def lm_eval_text_task(text_file: str | os.PathLike[str], directory: str | os.PathLike[str],
+                      name: str = LM_EVAL_TASK) -> str:
+    """Write an lm-eval task over a local text file into ``directory``; returns the task name.
+
+    Every non-empty line of ``text_file`` is one document (a WikiText-2 paragraph), scored with rolling
+    log-likelihood for word perplexity, byte perplexity and bits per byte, like lm-eval's own
+    ``wikitext`` task but with nothing to download. Pass ``directory`` as lm-eval's ``--include_path``.
+    """
+    source = Path(text_file)
+    docs = [{"text": line.strip()} for line in read_text(source).splitlines() if line.strip()]
+    if not docs:
+        raise ValueError(f"{source} has no non-empty line to evaluate")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    spec = {
+        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+        "output_type": "loglikelihood_rolling", "test_split": "test", "doc_to_text": "",
+        "doc_to_target": "{{text}}", "metric_list": [{"metric": m} for m in _LM_EVAL_METRICS],
+        "metadata": {"version": 1.0, "source": str(source.resolve())},
+    }
+    # JSON is valid YAML, and lm-eval reads task files as YAML
+    (directory / f"{name}.yaml").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    return name
+
+
+def lm_eval(model_dir: str | os.PathLike[str], text_file: str | os.PathLike[str] | None = None,
+            tasks: Sequence[str] = (), limit: int | None = None, batch_size: int = 8, device: str = "cpu",
+            dtype: str = "float32") -> dict[str, dict[str, float]]:
+    """Run the lm-evaluation-harness (``--model hf``) on a saved model; ``{task: {metric: value}}``.
+
+    ``text_file``: also score the local word-perplexity task :func:`lm_eval_text_task` builds over it.
+    ``tasks``: lm-eval task names (their data must be reachable: local cache or network). ``limit``:
+    documents per task. The checkpoint is opened with ``from_pretrained``; ``trust_remote_code`` is
+    set when its ``config.json`` has an ``auto_map``.
+    """
+    try:
+        import lm_eval as harness
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise ImportError("the lm-evaluation-harness is optional: pip install 'depgraph[eval]' "
+                          "(or pip install lm-eval)") from exc
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    names = list(tasks)
+    with tempfile.TemporaryDirectory(prefix="depgraph-lm-eval-") as tmp:
+        if text_file is not None:
+            names.append(lm_eval_text_task(text_file, tmp))
+        if not names:
+            raise ValueError("nothing to evaluate: pass text_file= or tasks=")
+        model_args = {"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": "auto_map" in config}
+        out = harness.simple_evaluate(model="hf", model_args=model_args, tasks=names, limit=limit,
+                                      batch_size=batch_size, device=device, log_samples=False,
+                                      task_manager=TaskManager(include_path=tmp))
+    results: dict[str, dict[str, float]] = {}
+    for task, values in out["results"].items():
+        metrics = {}
+        for key, value in values.items():
+            metric, _, _ = key.partition(",")
+            if isinstance(value, (int, float)) and not metric.endswith("_stderr"):
+                metrics[metric] = float(value)
+        results[task] = metrics
+    return results
