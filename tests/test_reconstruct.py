@@ -149,8 +149,8 @@ def _half_plan(graph):
 @pytest.mark.parametrize("calib,match", [
     (None, "needs calibration data"),
     ([], "empty"),
-    (torch.full((2, 8), 1000), "outside the model's vocabulary"),
-    (torch.full((2, 8), -1), "outside the model's vocabulary"),
+    (torch.full((2, 8), 1000), "out of range: the model's vocabulary"),
+    (torch.full((2, 8), -1), "is negative"),
 ])
 def test_bad_calibration_is_refused_before_anything_changes(calib, match):
     model = tiny_model("llama")
@@ -246,6 +246,7 @@ def test_cli_prune_reconstruct_obs_sequential(tmp_path):
     import sys
 
     tiny_model("llama").save_pretrained(tmp_path / "model")
+    depgraph.data.ByteTokenizer().save_pretrained(tmp_path / "model")  # the model's own tokenizer (no fallback)
     args = [sys.executable, "-m", "depgraph", "prune", str(tmp_path / "model"), "--ratio", "0.3", "--target",
             "params", "--criterion", "obs", "--reconstruct", "lsq", "--sequential", "--calib-samples", "4",
             "--seq-len", "32", "--out", str(tmp_path / "out")]
