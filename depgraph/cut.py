@@ -39,6 +39,9 @@ class PruneReport(EditReport):
     # parameter -> {dim: indices kept along it} (old positions, sorted), e.g. for cut_optimizer_state
     kept: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
     verified: bool = True  # False: no forward check ran (verify=False, or meta weights have no values)
+    plan: dict[Group, np.ndarray] | None = None  # the units cut (re-chosen ones for sequential OBS)
+    target: object | None = None  # a Pruner step's TargetReport (requested / achieved, per kind)
+    reconstruction: object | None = None  # depgraph.reconstruct's ReconstructionReport, when it refitted
 
     def describe(self) -> str:
         return (f"pruned {sum(self.units_removed.values())} units in {len(self.units_removed)} groups"
@@ -222,6 +225,7 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
     report = PruneReport(before, count_parameters(model), verified=verify)
     for (param, dim), keep in keep_masks.items():
         report.kept.setdefault(param, {})[dim] = np.flatnonzero(keep)
+    report.plan = checked
     report.units_removed = {g.name: int(u.size) for g, u in checked.items()}
     report.shapes = {p: (tuple(graph.param_shapes[p]), s) for p, s in new_shapes.items()}
     names = {id(m): n for n, m in model.named_modules()}
