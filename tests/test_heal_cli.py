@@ -133,6 +133,7 @@ def test_prune_experts_removes_routed_experts(tmp_path):
                            max_position_embeddings=128)
     MixtralForCausalLM(config).eval().save_pretrained(tmp_path / "moe")
     (tmp_path / "train.txt").write_text(TEXT)
+    _word_tokenizer(tmp_path / "train.txt", tmp_path / "moe")  # vocab 300 is not bytes: text needs its tokenizer
     proc = _run(["prune", "moe", "--experts", "0.25", "--calib", "train.txt", "--calib-samples", "2",
                  "--seq-len", "16", "--out", "out", "-q"], tmp_path)
     assert proc.returncode == 0, proc.stderr
