@@ -42,6 +42,7 @@ This is the same objective ``method="lsq"`` minimises.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
@@ -54,12 +55,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibration, importance
-from .cut import PruneReport, validate_plan
+from .cut import PruneReport, validate_plan, zero_mask
 from .errors import DepGraphError, PruneError
-from .groups import Group, Member
+from .groups import Group, GroupKind, Member
+from .transaction import Transaction, output_tensor
 
 __all__ = ["DEFAULT_DAMP", "METHODS", "Consumer", "ConsumerFit", "Hessian", "ReconstructionReport", "collect_hessians",
-           "consumers", "fit", "obs_scores", "obs_select", "reconstruct"]
+           "consumers", "fit", "obs_scores", "obs_select", "plan_errors", "reconstruct"]
 
 METHODS = ("lsq", "bias")
 DEFAULT_DAMP = 0.01
@@ -370,6 +372,79 @@ def reconstruct(graph, plan: Mapping[Group, Iterable[int]], calib, method: str =
     out.reconstruction = report
     out.plan = plan
     return out
+
+
+def plan_errors(graph, plans: list[Mapping[Group, Iterable[int]]], calib, method: str | None = None, *,
+                damp: float = DEFAULT_DAMP, progress: bool = False) -> list[float]:
+    """The model's output error on ``calib`` if each plan alone were cut, without cutting anything.
+
+    Each plan is applied as the cut computes it (:func:`depgraph.cut.zero_mask`: the removed units' consumer
+    slices zeroed, C channels zeroed everywhere), after refitting its consumers with ``method`` (``"lsq"``,
+    ``"bias"``; None: the plain cut), and the main output (logits, last hidden state) on every calibration
+    batch is compared with the unchanged model's: the error is ``sum ||y' - y||² / sum ||y||²``. The
+    consumers' ``H`` come from one calibration pass on the unchanged model (every consumer of every plan at
+    once, as the non-sequential :func:`reconstruct`). Every plan is undone before the next one (a
+    :class:`~depgraph.transaction.Transaction` rolled back, also on failure), so the model is unchanged.
+    This is what ``Pruner(allocation="sensitivity")`` ranks layers by.
+    """
+    if method is not None and method not in METHODS:
+        raise PruneError(f"plan_errors: method must be None or one of {METHODS}, got {method!r}")
+    model = graph.model
+    batches = _check_calib(model, calib)
+    plans = [{g: sorted(int(u) for u in units) for g, units in validate_plan(graph, p).items()} for p in plans]
+    with torch.no_grad(), calibration.eval_mode(model):
+        outputs = [calibration.forward(model, b) for b in batches]
+    reference = [output_tensor(o) for o in outputs]
+    kl = all(isinstance(getattr(o, "logits", None), torch.Tensor) for o in outputs)
+    del outputs
+    if kl:  # a distribution per position: compare what the model predicts, not the raw logits
+        reference = [torch.log_softmax(r.double(), -1) for r in reference]
+    if any(r is None for r in reference):
+        raise PruneError(f"plan_errors: {type(model).__name__}'s forward returns no tensor (logits, last hidden "
+                         "state or a first tensor) to compare; the model is unchanged")
+    positions = sum(r[..., 0].numel() for r in reference)
+    scale = float(positions) if kl else max(sum(float(r.double().pow(2).sum()) for r in reference), 1e-30)
+    stats: dict[str, Hessian] = {}
+    if method is not None:
+        names = list(dict.fromkeys(c.name for p in plans for c in consumers(graph, p)))
+        stats = collect_hessians(model, names, batches)
+    tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    errors = []
+    for plan in tqdm(plans, desc="plan errors", disable=not progress, leave=False):
+        with Transaction() as t:
+            replaced: set[int] = set()  # tensors whose data is already a copy of this plan's own
+            try:
+                for c in consumers(graph, plan) if method is not None else []:
+                    st = stats.get(c.name)
+                    if st is None or st.tokens == 0:
+                        continue
+                    bias = getattr(c.module, "bias", None)
+                    b = bias.detach().to(torch.float64) if isinstance(bias, torch.Tensor) else None
+                    W2, b2, _, _ = fit(_as_rows(c.module), b, st, c.removed, method, damp)
+                    t.set_data(c.module.weight, (W2.T if c.in_dim == 0 else W2).to(c.module.weight).contiguous())
+                    replaced.add(id(c.module.weight))
+                    if b2 is not None:
+                        t.set_data(c.module.bias, b2.to(c.module.bias))
+                for g in plan:  # zero_mask writes in place: give it copies, the rollback restores the originals
+                    for m in g.members:
+                        if (m.role == "in" or g.kind is GroupKind.C) and m.param in tensors:
+                            tensor = tensors[m.param]
+                            if id(tensor) not in replaced:
+                                t.set_data(tensor, tensor.data.clone())
+                                replaced.add(id(tensor))
+                zero_mask(graph, plan)
+                total = 0.0
+                with torch.no_grad(), calibration.eval_mode(model):
+                    for b, ref in zip(batches, reference):
+                        out = output_tensor(calibration.forward(model, b)).double()
+                        if kl:  # KL(reference || pruned), summed over positions
+                            total += float((ref.exp() * (ref - torch.log_softmax(out, -1))).sum())
+                        else:
+                            total += float((out - ref).pow(2).sum())
+                errors.append(total / scale)
+            finally:
+                t.rollback()
+    return errors
 
 
 def _reselect(graph, plan: dict[Group, list[int]], stage: list[Consumer], stats: dict[str, Hessian],
