@@ -199,7 +199,8 @@ def make_settings(args: argparse.Namespace) -> Settings:
         s.ratios = list(dict.fromkeys(r for _, r in s.cells))
     bad = [c for c in s.criteria if c not in CRITERIA] + [a for a in s.aggregations if a not in AGGREGATIONS]
     bad += [r for r in s.reconstruct if r not in RECONSTRUCT] + [a for a in s.allocations if a not in ALLOCATIONS]
-    bad += [t for t in s.lms if t not in TOKENIZERS] + [st for st in s.structures if st not in STRUCT_KINDS]
+    bad += [t for t in s.lms if t not in TOKENIZERS] + [st for st in s.structures if st.split(":")[0] not in STRUCT_KINDS
+                                                         or (":" in st and not st.startswith("heads:"))]
     if bad:
         raise SystemExit(f"unknown criteria/aggregations/reconstructions/allocations/LMs/structures: {bad}")
     return s
@@ -365,16 +366,23 @@ def struct_ratio(graph: depgraph.DependencyGraph, structure: str, ratio: float) 
     """``Pruner(ratio=)`` of a structure: the fraction itself, or for ``"heads"`` a per-kind budget where the
     heads (B) lose ``ratio`` of their units rounded to whole KV-head units per layer (20% of 4 KV heads: 1
     per layer, 25%) and MLP neurons (A) the rest of the parameter budget. Every allocation then cuts the
-    same number of heads and the same total; the allocation decides in which layers."""
-    if structure != "heads":
+    same number of heads and the same total; the allocation decides in which layers. ``"heads:F"``: the
+    heads lose the fraction ``F`` of all KV-head units, rounded to whole units over the model (e.g.
+    ``heads:0.125`` = 2 of 16), which a uniform plan can only round to whole units per layer."""
+    if not structure.startswith("heads"):
         return ratio
     heads = [g for g in graph.groups() if g.kind is GroupKind.B]
-    per_layer = max(1, round(ratio * heads[0].size))
     total = depgraph.count_parameters(graph.model)
-    b_share = (total - depgraph.simulate_params(graph, {g: list(range(per_layer)) for g in heads})) / total
+    one_each = total - depgraph.simulate_params(graph, {g: [0] for g in heads})  # one KV unit in every layer
+    if ":" in structure:
+        units = round(float(structure.split(":")[1]) * heads[0].size * len(heads))
+        b_share = units * one_each / len(heads) / total
+    else:
+        per_layer = max(1, round(ratio * heads[0].size))
+        b_share = (total - depgraph.simulate_params(graph, {g: list(range(per_layer)) for g in heads})) / total
     if b_share >= ratio:
-        raise ValueError(f"heads@{ratio}: {per_layer} KV head(s) per layer alone are {b_share:.1%} of the "
-                         "parameters; use a larger budget")
+        raise ValueError(f"{structure}@{ratio}: the heads alone are {b_share:.1%} of the parameters; use a "
+                         "larger budget")
     return {"A": ratio - b_share, "B": b_share}
 
 
@@ -389,7 +397,7 @@ def fixed_plan_pruner(graph: depgraph.DependencyGraph, per_group: dict[int, torc
     ``allocation``/``spread``: ``Pruner(allocation=, allocation_spread=)`` (per-layer budgets).
     """
     g2 = copy.deepcopy(graph)
-    kinds = {GroupKind(k) for k in STRUCT_KINDS[structure]}
+    kinds = {GroupKind(k) for k in STRUCT_KINDS[structure.split(":")[0]]}
     groups = g2.groups()
     fixed = {groups[i]: s for i, s in per_group.items() if groups[i].kind in kinds}
     method = None if recon == "none" else recon.split("-")[0]
@@ -412,7 +420,7 @@ def check_fixed_scores(bench: LlamaBench, graph: depgraph.DependencyGraph, struc
     a, _, _ = fixed_plan_pruner(graph, per_group, structure, ratio)
     b = copy.deepcopy(bench.model)
     depgraph.Pruner(b, criterion="l2", aggregate="sum", ratio=struct_ratio(graph, structure, ratio), target="params",
-                    kinds=list(STRUCT_KINDS[structure]), progress=False).prune()
+                    kinds=list(STRUCT_KINDS[structure.split(":")[0]]), progress=False).prune()
     sa, sb = a.model.state_dict(), b.state_dict()
     same = sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
     return "identical" if same else "DIFFERENT"
@@ -864,7 +872,7 @@ def reconstruction_table(rows: list[dict], s: Settings, base_ppl: float) -> str:
             key = (r["structure"], r["budget"], f"{r['criterion']}/{r['aggregation']}", r.get("allocation", "uniform"))
             cells.setdefault(key, {})[r.get("reconstruct", "none")] = r["ppl"]
             k = r.get("kind_removed_pct") or {}
-            shares[key] = f"{k.get('A', 0):.0f}% / {k.get('B', 0):.0f}%"
+            shares[key] = f"{r['removed_pct']:.1f}% | {k.get('A', 0):.0f}% / {k.get('B', 0):.0f}%"
     tp_struct = {"block": "block (heads+MLP)", "mlp": "MLP only", "channel": "channel"}
     tp: dict[tuple, list[str]] = {}
     for r in rows:
@@ -881,8 +889,8 @@ def reconstruction_table(rows: list[dict], s: Settings, base_ppl: float) -> str:
         vals = [by.get(v) for v in s.reconstruct]
         best = min(v for v in vals if v is not None)
         body.append([st, _f(budget, "{:.0%}"), crit, alloc, shares[key], *[_f(v) for v in vals],
-                     f"{best / base_ppl:.3f}", "; ".join(tp.get(("block" if st == "heads" else st, budget), [])) or "-"])
-    return _table(["structure", "budget", "criterion/aggregation", "allocation", "A / B removed",
+                     f"{best / base_ppl:.3f}", "; ".join(tp.get(("block" if st.startswith("heads") else st, budget), [])) or "-"])
+    return _table(["structure", "budget", "criterion/aggregation", "allocation", "params removed", "A / B removed",
                    *[f"ppl {v}" for v in s.reconstruct], "best ÷ unpruned", "Torch-Pruning"], body)
 
 
@@ -983,8 +991,8 @@ def render(result: dict[str, Any], s: Settings) -> str:
         recon = reconstruction_table(llama["rows"], s, b["ppl"])
         if recon:
             parts.append("Reconstruction and per-layer allocation (depgraph.reconstruct, Pruner(allocation=); "
-                         "same parameter count per structure and budget; A / B removed: share of MLP neurons / "
-                         "heads cut):\n\n" + recon + "\n")
+                         "params removed: of the whole model (a plan the rounding keeps short says so); A / B "
+                         "removed: share of MLP neurons / heads cut):\n\n" + recon + "\n")
         parts.append("All rows:\n\n" + llama_table(llama["rows"], b) + "\n")
         if llama.get("best"):
             parts.append("Best per budget: " + "; ".join(

@@ -87,6 +87,7 @@ def test_exact_parameter_target(graph, allocation, reconstruct):
     assert t.achieved == pytest.approx(1 - after / before)
     assert len({w for w in widths(graph.model)}) > 1, "the allocation must give layers different widths"
     assert not t.hf_loadable and t.hf_reason  # per-layer widths: depgraph's format, and the report says so
+    assert f"allocation {t.allocation}: layer 0" in str(t) and set(t.layer_ratios) == {0, 1, 2, 3}
 
 
 def test_increasing_is_monotone_and_differs_from_uniform(traced):
