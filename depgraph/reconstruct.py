@@ -383,7 +383,8 @@ def plan_errors(graph, plans: list[Mapping[Group, Iterable[int]]], calib, method
     ``"bias"``; None: the plain cut), and the main output (logits, last hidden state) on every calibration
     batch is compared with the unchanged model's: the error is ``sum ||y' - y||² / sum ||y||²``. The
     consumers' ``H`` come from one calibration pass on the unchanged model (every consumer of every plan at
-    once, as the non-sequential :func:`reconstruct`). Every plan is undone before the next one (a
+    once, as the non-sequential :func:`reconstruct`); the unchanged model's outputs on every calibration
+    token are kept (float32 log-probabilities for LMs: tokens x vocabulary). Every plan is undone before the next one (a
     :class:`~depgraph.transaction.Transaction` rolled back, also on failure), so the model is unchanged.
     This is what ``Pruner(allocation="sensitivity")`` ranks layers by.
     """
@@ -397,8 +398,9 @@ def plan_errors(graph, plans: list[Mapping[Group, Iterable[int]]], calib, method
     reference = [output_tensor(o) for o in outputs]
     kl = all(isinstance(getattr(o, "logits", None), torch.Tensor) for o in outputs)
     del outputs
-    if kl:  # a distribution per position: compare what the model predicts, not the raw logits
-        reference = [torch.log_softmax(r.double(), -1) for r in reference]
+    if kl:  # a distribution per position: compare what the model predicts, not the raw logits (kept in
+        # float32: the reference of every calibration token is held, [tokens, vocab])
+        reference = [torch.log_softmax(r.double(), -1).float() for r in reference]
     if any(r is None for r in reference):
         raise PruneError(f"plan_errors: {type(model).__name__}'s forward returns no tensor (logits, last hidden "
                          "state or a first tensor) to compare; the model is unchanged")
@@ -438,6 +440,7 @@ def plan_errors(graph, plans: list[Mapping[Group, Iterable[int]]], calib, method
                     for b, ref in zip(batches, reference):
                         out = output_tensor(calibration.forward(model, b)).double()
                         if kl:  # KL(reference || pruned), summed over positions
+                            ref = ref.double()
                             total += float((ref.exp() * (ref - torch.log_softmax(out, -1))).sum())
                         else:
                             total += float((out - ref).pow(2).sum())
