@@ -102,8 +102,9 @@ TP_STAGE = "TP-STAGE "
 # (see struct_ratio): "block" lets the planner split the budget, and it may cut no head at all
 STRUCT_KINDS: dict[str, tuple[str, ...]] = {**STRUCTURES, "mlp": ("A",), "heads": ("A", "B")}
 # per-layer budgets (Pruner(allocation=...)): "uniform" (every layer alike), "increasing" (SlimGPT's
-# schedule, deeper layers lose more) and "sensitivity" (each layer's measured output error)
-ALLOCATIONS = ("uniform", "increasing", "sensitivity")
+# schedule, deeper layers lose more), "outlier" (OWL's outlier ratios) and "sensitivity" (each layer's
+# measured output error)
+ALLOCATIONS = ("uniform", "increasing", "outlier", "sensitivity")
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -404,7 +405,7 @@ def fixed_plan_pruner(graph: depgraph.DependencyGraph, per_group: dict[int, torc
     sequential = recon.endswith("-seq")
     crit: Any = "obs" if sequential and criterion == "obs" else fixed
     t = time.perf_counter()
-    needs_calib = method is not None or allocation == "sensitivity"
+    needs_calib = method is not None or allocation in ("sensitivity", "outlier")
     report = depgraph.Pruner(g2, criterion=crit, ratio=struct_ratio(g2, structure, ratio), target="params",
                              kinds=sorted(k.value for k in kinds),
                              progress=False, reconstruct=method, sequential=sequential, damp=damp,

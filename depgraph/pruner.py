@@ -29,6 +29,9 @@ is then its own class (widths differ between layers, so the model needs depgraph
 * ``"increasing"``: SlimGPT's schedule: layer ``i`` of ``n`` is cut at a rate proportional to
   ``1 - s + 2 s · ln(1 + i) / ln(n)`` (``s = allocation_spread``, default 0.5: the last layer at three
   times the first layer's rate), so deeper layers lose more; the target fixes the absolute ratios.
+* ``"outlier"``: OWL's outlier-weighted schedule: layer ``i``'s rate is ``1 - s · (D_i - mean D) / max|D -
+  mean D|``, ``D_i`` its outlier ratio (:func:`depgraph.reconstruct.outlier_ratios`: the share of Wanda
+  scores above 5x the layer mean, on ``calib``), so layers with more outliers are cut less.
 * a sequence of positive per-layer weights: the same with your own rates.
 * ``"sensitivity"``: measured. For each layer's group of each kind, the units the criterion ranks lowest
   are cut alone, at 0.25-3x the uniform plan's count for that group (7 sizes), on ``calib``, and the
@@ -363,7 +366,7 @@ PRUNER_KEYWORDS = ("criterion", "aggregate", "ratio", "target", "scope", "struct
                    "skip_last", "round_to", "head_round_to", "steps", "calib", "seed", "progress", "normalize",
                    "loss_fn", "example_inputs", "hf_loadable", "allow_partial", "reconstruct", "sequential",
                    "damp", "allocation", "allocation_spread")
-ALLOCATIONS = ("uniform", "increasing", "sensitivity")
+ALLOCATIONS = ("uniform", "increasing", "outlier", "sensitivity")
 _SENSITIVITY_POINTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # multiples of the uniform plan's fraction at which a layer is measured
 
 
@@ -386,7 +389,7 @@ class Pruner:
     ``criterion="obs"``); ``sequential=True`` does it decoder layer by decoder layer, and with
     ``criterion="obs"`` re-chooses each layer's units (same counts) from the already pruned layers' outputs.
     ``allocation``: ``"uniform"``, ``"increasing"`` (``allocation_spread`` in [0, 1) sets how steep),
-    ``"sensitivity"`` (needs ``calib``) or per-layer weights: how the parameter budget is spread over the
+    ``"outlier"`` (OWL; needs ``calib``), ``"sensitivity"`` (needs ``calib``) or per-layer weights: how the parameter budget is spread over the
     decoder layers (see the module docstring; needs ``target="params"``, local scope, no ``hf_loadable``).
     Extra keyword ``options``
     go to the criterion; only those it declares (e.g. ``grad_budget`` for Taylor) are accepted.
@@ -568,9 +571,9 @@ class Pruner:
             raise PlanError(f"Pruner: allocation={allocation!r} gives layers different widths, which a Hugging "
                             "Face config cannot describe; use hf_loadable=False (save with "
                             "depgraph.save_pretrained); nothing was cut")
-        if allocation == "sensitivity" and calib is None:
-            raise PlanError("Pruner: allocation='sensitivity' measures each layer's output error on calib= "
-                            "(token ids [N, L] or a list of batches); nothing was cut")
+        if allocation in ("sensitivity", "outlier") and calib is None:
+            raise PlanError(f"Pruner: allocation={allocation!r} measures each layer on calib= (token ids [N, L] "
+                            "or a list of batches); nothing was cut")
         return allocation
 
     @staticmethod
@@ -683,6 +686,12 @@ class Pruner:
         if not isinstance(self.allocation, str):
             return list(self.allocation)
         n, s = self.n_layers, self.allocation_spread
+        if self.allocation == "outlier":  # OWL: more outliers, lower rate, linearly within 1 -/+ s
+            ratios = reconstruction.outlier_ratios(self.model, self.calib, progress=self.progress)
+            self.sensitivity = {f"layer {i} outlier ratio": [(0.0, r)] for i, r in ratios.items()}
+            d = [ratios.get(i, 0.0) for i in range(n)]
+            mean, span = sum(d) / max(n, 1), max((abs(x - sum(d) / max(n, 1)) for x in d), default=0.0)
+            return [1.0 - s * (x - mean) / span if span > 0 else 1.0 for x in d]
         # SlimGPT's schedule: the ratio grows logarithmically with depth, here from 1 - s to 1 + s times the
         # rate of the middle; the exact parameter target then fixes the absolute ratios
         return [1.0 - s + 2.0 * s * (math.log1p(i) / math.log(n) if n > 1 else 0.5) for i in range(n)]

@@ -61,7 +61,7 @@ from .groups import Group, GroupKind, Member
 from .transaction import Transaction, output_tensor
 
 __all__ = ["DEFAULT_DAMP", "METHODS", "Consumer", "ConsumerFit", "Hessian", "ReconstructionReport", "collect_hessians",
-           "consumers", "fit", "obs_scores", "obs_select", "plan_errors", "reconstruct"]
+           "consumers", "fit", "obs_scores", "obs_select", "outlier_ratios", "plan_errors", "reconstruct"]
 
 METHODS = ("lsq", "bias")
 DEFAULT_DAMP = 0.01
@@ -176,8 +176,11 @@ class _Stop(Exception):
 
 
 def collect_hessians(model: nn.Module, names: Iterable[str], batches: list, progress: bool = False,
-                     stop_early: bool = False) -> dict[str, Hessian]:
+                     stop_early: bool = False, diagonal: bool = False) -> dict[str, Hessian]:
     """``H = sum x xᵀ`` (float64) of the input of each named ``nn.Linear``/``Conv1D`` over ``batches``.
+
+    ``diagonal=True`` keeps only ``diag(H) = sum x²`` (a vector, in ``Hessian.H``): what input norms need
+    (Wanda, OWL's outlier ratios), at the memory of one row instead of the ``[n, n]`` matrix.
 
     ``stop_early``: end each forward as soon as every named layer has run once (the rest of the model
     is not needed); only right for layers that run once per forward. A batch given as a dict with an
@@ -199,8 +202,11 @@ def collect_hessians(model: nn.Module, names: Iterable[str], batches: list, prog
             st = stats.get(name)
             if st is None:
                 n = x.shape[-1]
-                st = stats[name] = Hessian(x.new_zeros(n, n), x.new_zeros(n))
-            st.H.addmm_(x.T, x)
+                st = stats[name] = Hessian(x.new_zeros(n) if diagonal else x.new_zeros(n, n), x.new_zeros(n))
+            if diagonal:
+                st.H.add_(x.square().sum(0))
+            else:
+                st.H.addmm_(x.T, x)
             st.s.add_(x.sum(0))
             st.tokens += x.shape[0]
             seen.add(name)
@@ -371,6 +377,33 @@ def reconstruct(graph, plan: Mapping[Group, Iterable[int]], calib, method: str =
                          "unchanged") from exc
     out.reconstruction = report
     out.plan = plan
+    return out
+
+
+def outlier_ratios(model: nn.Module, calib, threshold: float = 5.0, progress: bool = False) -> dict[int, float]:
+    """OWL's layer-wise outlier ratio: per decoder layer, the fraction of weights whose Wanda score
+    ``|W_ij| · ||x_j||`` (input norm over ``calib``) exceeds ``threshold`` times the mean score of its
+    layer (``nn.Linear``/``Conv1D`` modules under ``...layers.<i>.``, pooled). Layers with more outliers
+    matter more (Yin et al., 2024); ``Pruner(allocation="outlier")`` cuts them less. One calibration pass,
+    input norms only (no ``[n, n]`` matrix)."""
+    batches = _check_calib(model, calib)
+    names = [n for n, m in model.named_modules() if isinstance(m, importance.MATMUL_LAYERS) and _layer_of(n) is not None]
+    if not names:
+        raise PruneError(f"outlier_ratios: {type(model).__name__} has no Linear/Conv1D layer inside numbered "
+                         "decoder layers; the model is unchanged")
+    stats = collect_hessians(model, names, batches, progress=progress, diagonal=True)
+    modules = dict(model.named_modules())
+    scores: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for name in names:
+        st = stats.get(name)
+        if st is None or st.tokens == 0:
+            continue
+        W = _as_rows(modules[name])
+        scores[_layer_of(name)].append((W.abs() * st.H.sqrt()[None]).reshape(-1))
+    out = {}
+    for layer, parts in sorted(scores.items()):
+        flat = torch.cat(parts)
+        out[layer] = float((flat > threshold * flat.mean()).double().mean())
     return out
 
 

@@ -69,7 +69,7 @@ def unchanged(model, before) -> bool:
     return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in now)
 
 
-@pytest.mark.parametrize("allocation", ["increasing", "sensitivity", (1.0, 2.0, 0.5, 1.0)])
+@pytest.mark.parametrize("allocation", ["increasing", "outlier", "sensitivity", (1.0, 2.0, 0.5, 1.0)])
 @pytest.mark.parametrize("reconstruct", [None, "lsq"])
 def test_exact_parameter_target(graph, allocation, reconstruct):
     """Non-uniform budgets hit the parameter target as exactly as the uniform plan; the report says so."""
@@ -112,7 +112,7 @@ def test_spread_zero_is_uniform(traced):
     assert widths(a.model) == widths(b.model)
 
 
-@pytest.mark.parametrize("allocation", ["increasing", "sensitivity"])
+@pytest.mark.parametrize("allocation", ["increasing", "outlier", "sensitivity"])
 def test_units_and_rounding_in_every_layer(graph, allocation):
     """GQA: heads go with their KV head (2 query heads per KV head); round_to holds for every layer."""
     Pruner(graph, criterion="l2", ratio=0.35, target="params", allocation=allocation, calib=calib(), round_to=8,
@@ -164,6 +164,7 @@ BAD = [
     (dict(allocation="increasing", scope="global"), "scope='local'"),
     (dict(allocation="increasing", hf_loadable=True), "hf_loadable"),
     (dict(allocation="sensitivity", calib=None), "calib"),
+    (dict(allocation="outlier", calib=None), "calib"),
 ]
 
 
@@ -311,3 +312,22 @@ def test_allocation_over_steps(graph):
     assert len(report.steps) == 2 and report.target.reached, str(report.target)
     assert abs(1 - depgraph.count_parameters(graph.model) / before - 0.4) <= report.target.tolerance + 1e-12
     assert len(set(widths(graph.model))) > 1
+
+
+def test_outlier_schedule_follows_outlier_ratios():
+    """OWL: the layer with the most outliers (the last one's weights made heavy-tailed on purpose, so no
+    other layer's inputs change) is cut least."""
+    from depgraph.reconstruct import outlier_ratios
+
+    model = gqa_model()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # 3% of layer 3's weights 20x larger: scattered outliers
+        for lin in (m for m in model.model.layers[3].modules() if isinstance(m, torch.nn.Linear)):
+            lin.weight[torch.rand(lin.weight.shape, generator=gen) < 0.03] *= 20.0
+    ratios = outlier_ratios(model, calib())
+    assert set(ratios) == {0, 1, 2, 3} and max(ratios, key=ratios.get) == 3
+    graph = depgraph.trace(model)
+    Pruner(graph, criterion="l2", ratio=0.3, target="params", kinds="A", allocation="outlier", calib=calib(),
+           progress=False).prune()
+    mlp = [x[0] for x in widths(graph.model)]
+    assert mlp[3] == max(mlp) and len(set(mlp)) > 1, mlp
