@@ -367,7 +367,8 @@ PRUNER_KEYWORDS = ("criterion", "aggregate", "ratio", "target", "scope", "struct
                    "loss_fn", "example_inputs", "hf_loadable", "allow_partial", "reconstruct", "sequential",
                    "damp", "allocation", "allocation_spread")
 ALLOCATIONS = ("uniform", "increasing", "outlier", "sensitivity")
-_SENSITIVITY_POINTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # multiples of the uniform plan's fraction at which a layer is measured
+# the cut sizes at which "sensitivity" measures a layer, as multiples of the uniform plan's count
+_SENSITIVITY_POINTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
 class Pruner:
@@ -389,10 +390,10 @@ class Pruner:
     ``criterion="obs"``); ``sequential=True`` does it decoder layer by decoder layer, and with
     ``criterion="obs"`` re-chooses each layer's units (same counts) from the already pruned layers' outputs.
     ``allocation``: ``"uniform"``, ``"increasing"`` (``allocation_spread`` in [0, 1) sets how steep),
-    ``"outlier"`` (OWL; needs ``calib``), ``"sensitivity"`` (needs ``calib``) or per-layer weights: how the parameter budget is spread over the
-    decoder layers (see the module docstring; needs ``target="params"``, local scope, no ``hf_loadable``).
-    Extra keyword ``options``
-    go to the criterion; only those it declares (e.g. ``grad_budget`` for Taylor) are accepted.
+    ``"outlier"`` (OWL; needs ``calib``), ``"sensitivity"`` (needs ``calib``) or per-layer weights: how
+    the parameter budget is spread over the decoder layers (see the module docstring; needs
+    ``target="params"``, local scope, no ``hf_loadable``). Extra keyword ``options`` go to the criterion;
+    only those it declares (e.g. ``grad_budget`` for Taylor) are accepted.
     Every argument is checked here: a bad one raises :class:`~depgraph.errors.PlanError` (a ``PruneError``
     and ``ValueError``) naming the accepted values, before anything is traced or cut.
     """
@@ -522,7 +523,8 @@ class Pruner:
         self.allocation, self.allocation_spread = allocation, float(allocation_spread)
         self.n_layers = n_layers
         self._alloc_keys: Callable[[list[int], int, int], float] | None = None  # (class, units before, after)
-        self.sensitivity: dict[str, list[tuple[float, float]]] = {}  # last measured: class -> [(fraction, error)]
+        # last measured: group -> [(fraction cut, output error)] ("sensitivity"), or the outlier ratios
+        self.sensitivity: dict[str, list[tuple[float, float]]] = {}
         self.groups: list[Group] = []
         for g in all_groups:
             i = layer_index(g)
@@ -682,7 +684,7 @@ class Pruner:
         return list(out.values())
 
     def _layer_weights(self) -> list[float]:
-        """Relative rate at which each decoder layer is cut (``"increasing"`` or explicit weights)."""
+        """Relative rate at which each decoder layer is cut (``"increasing"``, ``"outlier"`` or weights)."""
         if not isinstance(self.allocation, str):
             return list(self.allocation)
         n, s = self.n_layers, self.allocation_spread

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from . import calibration, importance
 from .cut import PruneReport, validate_plan, zero_mask
 from .errors import DepGraphError, PruneError
-from .groups import Group, GroupKind, Member
+from .groups import Group, Member
 from .transaction import Transaction, output_tensor
 
 __all__ = ["DEFAULT_DAMP", "METHODS", "Consumer", "ConsumerFit", "Hessian", "ReconstructionReport", "collect_hessians",
@@ -413,12 +413,15 @@ def plan_errors(graph, plans: list[Mapping[Group, Iterable[int]]], calib, method
 
     Each plan is applied as the cut computes it (:func:`depgraph.cut.zero_mask`: the removed units' consumer
     slices zeroed, C channels zeroed everywhere), after refitting its consumers with ``method`` (``"lsq"``,
-    ``"bias"``; None: the plain cut), and the main output (logits, last hidden state) on every calibration
-    batch is compared with the unchanged model's: the error is ``sum ||y' - y||² / sum ||y||²``. The
+    ``"bias"``; None: the plain cut), and the main output on every calibration batch is compared with the
+    unchanged model's: for ``.logits`` (LMs, classifiers) the mean KL divergence ``KL(p || p')`` of the
+    predicted distributions per position; otherwise (a last hidden state, a first tensor) the relative
+    squared error ``sum ||y' - y||² / sum ||y||²``. The
     consumers' ``H`` come from one calibration pass on the unchanged model (every consumer of every plan at
     once, as the non-sequential :func:`reconstruct`); the unchanged model's outputs on every calibration
-    token are kept (float32 log-probabilities for LMs: tokens x vocabulary). Every plan is undone before the next one (a
-    :class:`~depgraph.transaction.Transaction` rolled back, also on failure), so the model is unchanged.
+    token are kept (float32 log-probabilities for LMs: tokens x vocabulary). Every plan is undone before the
+    next one (a :class:`~depgraph.transaction.Transaction` rolled back, also on failure), so the model is
+    unchanged.
     This is what ``Pruner(allocation="sensitivity")`` ranks layers by.
     """
     if method is not None and method not in METHODS:
@@ -431,19 +434,21 @@ def plan_errors(graph, plans: list[Mapping[Group, Iterable[int]]], calib, method
     reference = [output_tensor(o) for o in outputs]
     kl = all(isinstance(getattr(o, "logits", None), torch.Tensor) for o in outputs)
     del outputs
-    if kl:  # a distribution per position: compare what the model predicts, not the raw logits (kept in
-        # float32: the reference of every calibration token is held, [tokens, vocab])
-        reference = [torch.log_softmax(r.double(), -1).float() for r in reference]
     if any(r is None for r in reference):
         raise PruneError(f"plan_errors: {type(model).__name__}'s forward returns no tensor (logits, last hidden "
                          "state or a first tensor) to compare; the model is unchanged")
+    if kl:  # a distribution per position: compare what the model predicts, not the raw logits (kept in
+        # float32: the reference of every calibration token is held, [tokens, vocab])
+        reference = [torch.log_softmax(r.double(), -1).float() for r in reference]
     positions = sum(r[..., 0].numel() for r in reference)
     scale = float(positions) if kl else max(sum(float(r.double().pow(2).sum()) for r in reference), 1e-30)
     stats: dict[str, Hessian] = {}
     if method is not None:
         names = list(dict.fromkeys(c.name for p in plans for c in consumers(graph, p)))
         stats = collect_hessians(model, names, batches)
-    tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    # every name, tied ones included: a member may name the tied copy (lm_head.weight for the embedding)
+    tensors = dict(itertools.chain(model.named_parameters(remove_duplicate=False),
+                                   model.named_buffers(remove_duplicate=False)))
     errors = []
     for plan in tqdm(plans, desc="plan errors", disable=not progress, leave=False):
         with Transaction() as t:
@@ -460,13 +465,15 @@ def plan_errors(graph, plans: list[Mapping[Group, Iterable[int]]], calib, method
                     replaced.add(id(c.module.weight))
                     if b2 is not None:
                         t.set_data(c.module.bias, b2.to(c.module.bias))
-                for g in plan:  # zero_mask writes in place: give it copies, the rollback restores the originals
-                    for m in g.members:
-                        if (m.role == "in" or g.kind is GroupKind.C) and m.param in tensors:
-                            tensor = tensors[m.param]
-                            if id(tensor) not in replaced:
-                                t.set_data(tensor, tensor.data.clone())
-                                replaced.add(id(tensor))
+                for g in plan:  # zero_mask writes in place: give it copies (of every member, a superset of what
+                    for m in g.members:  # it zeroes), the rollback restores the originals
+                        tensor = tensors.get(m.param)
+                        if tensor is None:
+                            raise PruneError(f"plan_errors: {m.param} is not a tensor of the model (stale graph); "
+                                             "re-trace it; the model is unchanged")
+                        if id(tensor) not in replaced:
+                            t.set_data(tensor, tensor.data.clone())
+                            replaced.add(id(tensor))
                 zero_mask(graph, plan)
                 total = 0.0
                 with torch.no_grad(), calibration.eval_mode(model):

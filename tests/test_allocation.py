@@ -331,3 +331,16 @@ def test_outlier_schedule_follows_outlier_ratios():
            progress=False).prune()
     mlp = [x[0] for x in widths(graph.model)]
     assert mlp[3] == max(mlp) and len(set(mlp)) > 1, mlp
+
+
+def test_plan_errors_hidden_channels_tied_embeddings():
+    """GPT-2 ties lm_head to the embedding: measuring a hidden-channel (C) cut zeroes that shared tensor,
+    and the measurement still leaves every weight as it was."""
+    model = tiny_model("gpt2")
+    graph = depgraph.trace(model)
+    before = state(model)
+    c = graph.groups("C")[0]
+    errors = plan_errors(graph, [{c: [0, 1, 2, 3]}, {c: list(range(16))}], calib(model.config.vocab_size), "lsq")
+    assert unchanged(model, before)
+    assert 0 < errors[0] < errors[1]
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
