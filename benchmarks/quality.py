@@ -11,6 +11,9 @@ Models:
   non-overlapping windows of ``--context`` (128) tokens: the same bytes for every row, so rows are
   compared on paired data. Calibration (scoring, Wanda, depth, Taylor) is ``--calib-samples`` seeded
   windows of 128 bytes from ``valid.txt``; no test byte is ever used for calibration or recovery.
+* the same Llama shape with a 2,048-token BPE tokenizer trained on ``valid.txt``
+  (``train_tiny_llama(tokenizer="bpe")``), measured the same way per BPE token (``--lms byte,bpe``, the
+  full default; quick mode: byte only). Its JSON section is ``llama_bpe``; recovery runs on the first LM only.
 * the real pretrained all-MiniLM-L6-v2 (:func:`depgraph.evaluate.load_minilm`). Only A (MLP neurons)
   and B (attention heads) are pruned: the hidden width is the embedding the model outputs. Its token
   embedding table (11.9M of 22.7M parameters) cannot be touched by A/B cuts, so 50% of *all* parameters
@@ -29,6 +32,11 @@ Rows (tiny Llama; every one is a fresh copy of the same trained model):
   ``depgraph.reconstruct`` (the layers reading the cut units refitted on the calibration windows), beside
   the plain cut; ``--rows block@0.2,mlp@0.2`` runs only those structure@budget cells, ``--damp`` sets the
   ridge term. The report adds a table with each variant side by side and Torch-Pruning's row of the cell.
+* per-layer budgets (``--allocations uniform,increasing,outlier,sensitivity``): the same cells planned
+  with ``Pruner(allocation=...)`` (``--allocation-spread`` for increasing/outlier), one row each. Structure
+  ``heads`` is A+B with the heads' share fixed (the budget rounded to whole KV heads per layer, MLP the
+  rest) and ``heads:F`` cuts the fraction F of all KV-head units: ``block`` lets the planner split the
+  budget, which may cut no head at all.
 * depgraph depth pruning: ``depgraph.depth.block_importance`` (1 - cos(in, out)) and removal of the
   nearest whole number of blocks to each budget.
 * Torch-Pruning (``MagnitudeImportance(p=2)``, ``TaylorImportance()``), each run in a child process with
