@@ -1119,7 +1119,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma list of {','.join(ALLOCATIONS)}: per-layer budgets (Pruner(allocation=); "
                              "default: uniform)")
     parser.add_argument("--allocation-spread", type=float, default=0.5,
-                        help="Pruner(allocation_spread=) of the increasing rows (default 0.5)")
+                        help="Pruner(allocation_spread=) of the increasing and outlier rows (default 0.5)")
     parser.add_argument("--lms", default=None,
                         help=f"comma list of benchmark LMs by tokenizer ({','.join(TOKENIZERS)}; full default: both, "
                              "quick: byte)")
