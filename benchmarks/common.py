@@ -1,10 +1,14 @@
-"""Shared pieces of the benchmarks: the small Llama LM they train themselves, and cost measures.
+"""Shared pieces of the benchmarks: the small Llama LMs they train themselves, and cost measures.
 
-The benchmark model is a byte-level Llama (GQA, untied embeddings) trained from scratch on WikiText-2
-``valid.txt`` for a few CPU minutes, so the quality benchmark has a real, non-random LM to prune
-without downloading weights. It is cached on disk keyed by everything that determines it.
+The benchmark model is a Llama (GQA, untied embeddings) trained from scratch on WikiText-2 ``valid.txt``
+for a few CPU minutes, so the quality benchmark has a real, non-random LM to prune without downloading
+weights. Two tokenizers: byte-level (:class:`depgraph.data.ByteTokenizer`, the default) and a BPE
+tokenizer (the ``tokenizers`` library, :data:`BPE_VOCAB` tokens, trained on the same ``valid.txt``):
+per-byte perplexities compress the differences between pruning methods, per-BPE-token ones less so.
+Each is cached on disk keyed by everything that determines it.
 
-Run ``python benchmarks/common.py [--quick] [--retrain]`` to train (or load) it and print its perplexity.
+Run ``python benchmarks/common.py [--quick] [--tokenizer byte|bpe] [--retrain]`` to train (or load) one
+and print its perplexity.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from depgraph.data import ByteTokenizer, default_text_path, read_text
 from depgraph.evaluate import perplexity
+
+TOKENIZERS = ("byte", "bpe")
+BPE_VOCAB = 2048  # a few thousand: the embedding (2 x 2048 x 256) stays a minor part of the full model
+BPE_SPECIAL = ("<pad>", "<bos>", "<eos>")
+BPE_RECIPE = {"steps": 300, "batch_size": 16}  # ~2 passes over valid.txt's ~0.3M BPE tokens
 
 CACHE_ENV = "DEPGRAPH_CACHE"
 # The library has no default data folder: the benchmarks use the WikiText-2 copy beside the repository
@@ -73,18 +82,43 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "depgraph" / "bench"
 
 
-def tiny_llama_config(quick: bool = False, vocab_size: int | None = None) -> LlamaConfig:
-    """The benchmark LM's architecture (byte vocabulary, context 128, untied embeddings)."""
+def tiny_llama_config(quick: bool = False, vocab_size: int | None = None, tokenizer: Any = None) -> LlamaConfig:
+    """The benchmark LM's architecture (context 128, untied embeddings); byte vocabulary unless
+    ``tokenizer`` (which gives the special ids) or ``vocab_size`` says otherwise."""
     spec = QUICK if quick else FULL
+    tok = tokenizer if tokenizer is not None else ByteTokenizer()
     return LlamaConfig(
-        vocab_size=vocab_size or ByteTokenizer().vocab_size,
+        vocab_size=vocab_size or len(tok),
         max_position_embeddings=SEQ_LEN,
         tie_word_embeddings=False,
-        bos_token_id=ByteTokenizer().bos_token_id,
-        eos_token_id=ByteTokenizer().eos_token_id,
-        pad_token_id=ByteTokenizer().pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         **spec["model"],
     )
+
+
+def train_bpe_tokenizer(path: str | os.PathLike[str], vocab_size: int = BPE_VOCAB) -> Any:
+    """A byte-level BPE tokenizer trained on the text file ``path`` (``tokenizers``; deterministic), wrapped
+    as a ``transformers.PreTrainedTokenizerFast`` (``encode``, ``save_pretrained``, ``AutoTokenizer``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIAL), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(path)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=BPE_SPECIAL[0], bos_token=BPE_SPECIAL[1],
+                                   eos_token=BPE_SPECIAL[2], model_max_length=1 << 30)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (either benchmark tokenizer)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.encode(text)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _lr_at(step: int, steps: int, peak: float) -> float:
@@ -110,22 +144,39 @@ def train_tiny_llama(
     quick: bool = False,
     retrain: bool = False,
     verbose: bool = True,
-) -> tuple[LlamaForCausalLM, ByteTokenizer, dict[str, Any]]:
-    """Train (or load from cache) the benchmark's byte-level Llama; returns ``(model, tokenizer, info)``.
+    tokenizer: str = "byte",
+    threads: int = 2,
+) -> tuple[LlamaForCausalLM, Any, dict[str, Any]]:
+    """Train (or load from cache) the benchmark's Llama; returns ``(model, tokenizer, info)``.
+
+    ``tokenizer``: ``"byte"`` (:class:`ByteTokenizer`) or ``"bpe"`` (:func:`train_bpe_tokenizer` on
+    ``valid.txt``, :data:`BPE_VOCAB` tokens; same architecture and recipe, so one step sees about three
+    times as much text; :data:`BPE_RECIPE`: 300 steps of 16 x 128 tokens). ``threads``: torch threads
+    while training (left set afterwards).
 
     Full: hidden 256, MLP 688, 4 layers, 8 heads / 4 KV heads (head_dim 32), 400 AdamW steps of 32x128
     bytes. Quick: hidden 128, MLP 344, 2 layers, 4 heads / 2 KV heads, 700 steps of 16x128. ``steps``
     overrides the step count. The cache entry is keyed by a hash of the config, recipe, seed and the
     training file's size; ``retrain=True`` ignores an existing entry. ``info`` holds the final train
-    loss, steps, wall time, test-split perplexity (first 128K bytes of ``test.txt``) and the
-    unigram byte baseline. The model is returned in eval mode.
+    loss, steps, wall time, test-split perplexity (first 128K tokens of ``test.txt``) and the
+    unigram baseline. The model is returned in eval mode.
     """
-    torch.set_num_threads(2)
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    torch.set_num_threads(threads)
     spec = QUICK if quick else FULL
+    if tokenizer == "bpe":  # a BPE token is ~4 bytes of text and the output layer is 8x wider: fewer, smaller steps
+        spec = {**spec, **BPE_RECIPE}
     steps = spec["steps"] if steps is None else steps
-    tokenizer = ByteTokenizer()
-    config = tiny_llama_config(quick, tokenizer.vocab_size)
+    kind = tokenizer
     train_path = default_text_path("valid")
+    if kind == "byte":
+        tokenizer = ByteTokenizer()
+        config = tiny_llama_config(quick, len(tokenizer), tokenizer)
+    else:  # trained (a few seconds) only when the model is; the special tokens come first: ids 0, 1, 2
+        tokenizer = None
+        ids = dict(zip(("pad_token_id", "bos_token_id", "eos_token_id"), range(len(BPE_SPECIAL))))
+        config = tiny_llama_config(quick, BPE_VOCAB, argparse.Namespace(**ids))
     key_src = {
         "version": _CACHE_VERSION,
         "config": config.to_diff_dict(),
@@ -136,9 +187,11 @@ def train_tiny_llama(
         "seq_len": SEQ_LEN,
         "data_bytes": train_path.stat().st_size,
     }
+    if kind != "byte":  # the byte model's key (and cache entry) predates the BPE one: left as it was
+        key_src.update(tokenizer=kind)
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    entry = root / f"tiny-llama-{'quick' if quick else 'full'}-{key}"
+    entry = root / f"tiny-llama-{'' if kind == 'byte' else kind + '-'}{'quick' if quick else 'full'}-{key}"
 
     if entry.is_dir() and (entry / "info.json").is_file() and not retrain:
         model = LlamaForCausalLM.from_pretrained(entry, dtype=torch.float32, local_files_only=True)
@@ -147,9 +200,17 @@ def train_tiny_llama(
         info.update(cached=True, path=str(entry))
         if verbose:
             print(f"[tiny-llama] loaded {entry} (test ppl {info['test_ppl']:.3f})")
-        return model, ByteTokenizer.from_pretrained(entry), info
+        if kind == "byte":
+            return model, ByteTokenizer.from_pretrained(entry), info
+        from transformers import PreTrainedTokenizerFast
 
-    train_ids = torch.tensor(tokenizer.encode(read_text(train_path)), dtype=torch.long)
+        return model, PreTrainedTokenizerFast.from_pretrained(entry), info
+
+    if tokenizer is None:
+        tokenizer = train_bpe_tokenizer(train_path)
+        if len(tokenizer) != BPE_VOCAB:
+            raise RuntimeError(f"the BPE tokenizer has {len(tokenizer)} tokens, the model {BPE_VOCAB}: too little text")
+    train_ids = torch.tensor(encode(tokenizer, read_text(train_path)), dtype=torch.long)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.train()
@@ -185,11 +246,13 @@ def train_tiny_llama(
     model.eval()
 
     eval_tokens = 131072
-    test_ids = torch.tensor(tokenizer.encode(read_text(default_text_path("test"))), dtype=torch.long)
+    test_ids = torch.tensor(encode(tokenizer, read_text(default_text_path("test"))), dtype=torch.long)
     test = perplexity(model, test_ids, context_length=SEQ_LEN, max_tokens=eval_tokens, progress=False)
     tail = losses[-max(1, steps // 10) :]
     info: dict[str, Any] = {
         "quick": quick,
+        "tokenizer": kind,
+        "vocab_size": len(tokenizer),
         "steps": steps,
         "seed": seed,
         "batch_size": spec["batch_size"],
@@ -202,7 +265,7 @@ def train_tiny_llama(
         "test_ppl": test.ppl,
         "test_nll": test.nll,
         "test_ppl_tokens": test.tokens,
-        "unigram_test_ppl": _unigram_ppl(train_ids, test_ids[:eval_tokens], tokenizer.vocab_size),
+        "unigram_test_ppl": _unigram_ppl(train_ids, test_ids[:eval_tokens], len(tokenizer)),
         "torch_threads": torch.get_num_threads(),
         "key": key,
     }
@@ -220,8 +283,8 @@ def train_tiny_llama(
     if verbose:
         print(
             f"[tiny-llama] trained {info['params']:,} params, {steps} steps in {train_time:.0f}s; "
-            f"train loss {info['train_loss']:.3f}; test ppl {test.ppl:.3f} over {test.tokens:,} bytes "
-            f"(unigram byte baseline {info['unigram_test_ppl']:.2f}); saved to {entry}"
+            f"train loss {info['train_loss']:.3f}; test ppl {test.ppl:.3f} over {test.tokens:,} {kind} tokens "
+            f"(unigram baseline {info['unigram_test_ppl']:.2f}); saved to {entry}"
         )
     return model, tokenizer, info
 
@@ -280,9 +343,12 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true", help="ignore a cached model")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="byte")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     model, _, info = train_tiny_llama(
-        args.cache_dir, steps=args.steps, quick=args.quick, retrain=args.retrain
+        args.cache_dir, steps=args.steps, quick=args.quick, retrain=args.retrain, tokenizer=args.tokenizer,
+        threads=args.threads,
     )
     print(json.dumps({k: v for k, v in info.items() if k != "path"}, indent=2))
     print(

@@ -11,6 +11,9 @@ Models:
   non-overlapping windows of ``--context`` (128) tokens: the same bytes for every row, so rows are
   compared on paired data. Calibration (scoring, Wanda, depth, Taylor) is ``--calib-samples`` seeded
   windows of 128 bytes from ``valid.txt``; no test byte is ever used for calibration or recovery.
+* the same Llama shape with a 2,048-token BPE tokenizer trained on ``valid.txt``
+  (``train_tiny_llama(tokenizer="bpe")``), measured the same way per BPE token (``--lms byte,bpe``, the
+  full default; quick mode: byte only). Its JSON section is ``llama_bpe``; recovery runs on the first LM only.
 * the real pretrained all-MiniLM-L6-v2 (:func:`depgraph.evaluate.load_minilm`). Only A (MLP neurons)
   and B (attention heads) are pruned: the hidden width is the embedding the model outputs. Its token
   embedding table (11.9M of 22.7M parameters) cannot be touched by A/B cuts, so 50% of *all* parameters
@@ -29,6 +32,11 @@ Rows (tiny Llama; every one is a fresh copy of the same trained model):
   ``depgraph.reconstruct`` (the layers reading the cut units refitted on the calibration windows), beside
   the plain cut; ``--rows block@0.2,mlp@0.2`` runs only those structure@budget cells, ``--damp`` sets the
   ridge term. The report adds a table with each variant side by side and Torch-Pruning's row of the cell.
+* per-layer budgets (``--allocations uniform,increasing,outlier,sensitivity``): the same cells planned
+  with ``Pruner(allocation=...)`` (``--allocation-spread`` for increasing/outlier), one row each. Structure
+  ``heads`` is A+B with the heads' share fixed (the budget rounded to whole KV heads per layer, MLP the
+  rest) and ``heads:F`` cuts the fraction F of all KV-head units: ``block`` lets the planner split the
+  budget, which may cut no head at all.
 * depgraph depth pruning: ``depgraph.depth.block_importance`` (1 - cos(in, out)) and removal of the
   nearest whole number of blocks to each budget.
 * Torch-Pruning (``MagnitudeImportance(p=2)``, ``TaylorImportance()``), each run in a child process with
@@ -77,7 +85,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[1]))
 
-from common import SEQ_LEN, latency_ms, macs, param_count, train_tiny_llama  # noqa: E402
+from common import SEQ_LEN, TOKENIZERS, encode, latency_ms, macs, param_count, train_tiny_llama  # noqa: E402
 
 import depgraph  # noqa: E402
 from depgraph.checkpoint import plain_hf_reason  # noqa: E402
@@ -98,8 +106,13 @@ GRAD_BUDGET = 1 << 40  # one set of calibration passes for Taylor (the model is 
 TP_RESULT = "TP-RESULT "
 TP_STAGE = "TP-STAGE "
 # "mlp" (A only) is not one of depgraph's structures: it is Pruner(kinds=["A"]), the like-for-like
-# comparison with Torch-Pruning's MLP-only configuration
-STRUCT_KINDS: dict[str, tuple[str, ...]] = {**STRUCTURES, "mlp": ("A",)}
+# comparison with Torch-Pruning's MLP-only configuration. "heads" is A+B with the heads' share fixed
+# (see struct_ratio): "block" lets the planner split the budget, and it may cut no head at all
+STRUCT_KINDS: dict[str, tuple[str, ...]] = {**STRUCTURES, "mlp": ("A",), "heads": ("A", "B")}
+# per-layer budgets (Pruner(allocation=...)): "uniform" (every layer alike), "increasing" (SlimGPT's
+# schedule, deeper layers lose more), "outlier" (OWL's outlier ratios) and "sensitivity" (each layer's
+# measured output error)
+ALLOCATIONS = ("uniform", "increasing", "outlier", "sensitivity")
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -138,6 +151,9 @@ class Settings:
     reconstruct: list[str] = field(default_factory=lambda: ["none"])
     cells: list[tuple[str, float]] | None = None  # only these (structure, budget) cells; None: the whole grid
     damp: float = 0.01  # reconstruction's ridge term, relative to mean(diag H)
+    allocations: list[str] = field(default_factory=lambda: ["uniform"])
+    spread: float = 0.5  # Pruner(allocation_spread=) of the "increasing" rows
+    lms: list[str] = field(default_factory=lambda: ["byte"])  # benchmark LMs by tokenizer (common.TOKENIZERS)
 
 
 def make_settings(args: argparse.Namespace) -> Settings:
@@ -160,7 +176,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
             latency_rounds=7, latency_repeats=5, tp_imps=["l2", "taylor"], tp_timeout=900, tp_heads_timeout=60,
             depth=True, sparse=[(m, p) for m in ("magnitude", "wanda") for p in ("unstructured", "2:4")],
             recovery_steps=300, recovery_batch=8, lora_lr=1e-3, kd_lr=1e-4, minilm_settings=minilm,
-            minilm_sentences=256,
+            minilm_sentences=256, lms=list(TOKENIZERS),
         )
     for name in ("criteria", "aggregations", "structures", "tp_imps"):
         value = getattr(args, name)
@@ -181,14 +197,21 @@ def make_settings(args: argparse.Namespace) -> Settings:
     s.skip = [v for v in (args.skip or "").split(",") if v]
     s.reconstruct = [v for v in (args.reconstruct or ",".join(s.reconstruct)).split(",") if v]
     s.damp = args.damp
+    if args.allocations is not None:
+        s.allocations = [v for v in args.allocations.split(",") if v]
+    if args.lms is not None:
+        s.lms = [v for v in args.lms.split(",") if v]
+    s.spread = args.allocation_spread
     if args.rows:
         s.cells = [(c.split("@")[0], float(c.split("@")[1])) for c in args.rows.split(",") if c]
         s.structures = list(dict.fromkeys(st for st, _ in s.cells))
         s.ratios = list(dict.fromkeys(r for _, r in s.cells))
     bad = [c for c in s.criteria if c not in CRITERIA] + [a for a in s.aggregations if a not in AGGREGATIONS]
-    bad += [r for r in s.reconstruct if r not in RECONSTRUCT]
+    bad += [r for r in s.reconstruct if r not in RECONSTRUCT] + [a for a in s.allocations if a not in ALLOCATIONS]
+    bad += [t for t in s.lms if t not in TOKENIZERS] + [st for st in s.structures if st.split(":")[0] not in STRUCT_KINDS
+                                                         or (":" in st and not st.startswith("heads:"))]
     if bad:
-        raise SystemExit(f"unknown criteria/aggregations: {bad}")
+        raise SystemExit(f"unknown criteria/aggregations/reconstructions/allocations/LMs/structures: {bad}")
     return s
 
 
@@ -290,6 +313,7 @@ class LlamaBench:
     costs: CostCache
     params: int
     base_ppl: float
+    lm: str = "byte"  # tokenizer of the benchmark LM (common.TOKENIZERS)
 
     def ppl(self, model: nn.Module) -> float:
         s = self.settings
@@ -332,40 +356,69 @@ def kind_removed_pct(base: nn.Module, model: nn.Module) -> dict[str, float]:
     return {k: 100.0 * (1 - after[k] / before[k]) for k in before}
 
 
-def setup_llama(s: Settings) -> LlamaBench:
-    model, tok, info = train_tiny_llama(s.cache_dir, quick=s.quick, verbose=False)
+def setup_llama(s: Settings, lm: str = "byte") -> LlamaBench:
+    model, tok, info = train_tiny_llama(s.cache_dir, quick=s.quick, verbose=False, tokenizer=lm)
     torch.set_num_threads(s.threads)  # train_tiny_llama sets 2
     model.eval()
-    test_ids = torch.tensor(tok.encode(read_text(default_text_path("test"))), dtype=torch.long)
-    train_ids = torch.tensor(tok.encode(read_text(default_text_path("valid"))), dtype=torch.long)
+    test_ids = torch.tensor(encode(tok, read_text(default_text_path("test"))), dtype=torch.long)
+    train_ids = torch.tensor(encode(tok, read_text(default_text_path("valid"))), dtype=torch.long)
     calib = calibration_batches(train_ids, n_samples=s.calib_samples, seq_len=s.context, seed=s.seed,
                                 batch_size=s.calib_batch)
     costs = CostCache(model, lambda m: macs(m, s.context),
                       lambda m: latency_ms(m, s.context, repeats=s.latency_repeats, warmup=1), s.latency_rounds)
     params = param_count(model)
     base_ppl = perplexity(model, test_ids, context_length=s.context, max_tokens=s.eval_tokens, progress=False).ppl
-    return LlamaBench(model, tok, info, test_ids, train_ids, calib, s, costs, params, base_ppl)
+    return LlamaBench(model, tok, info, test_ids, train_ids, calib, s, costs, params, base_ppl, lm)
+
+
+def struct_ratio(graph: depgraph.DependencyGraph, structure: str, ratio: float) -> float | dict[str, float]:
+    """``Pruner(ratio=)`` of a structure: the fraction itself, or for ``"heads"`` a per-kind budget where the
+    heads (B) lose ``ratio`` of their units rounded to whole KV-head units per layer (20% of 4 KV heads: 1
+    per layer, 25%) and MLP neurons (A) the rest of the parameter budget. Every allocation then cuts the
+    same number of heads and the same total; the allocation decides in which layers. ``"heads:F"``: the
+    heads lose the fraction ``F`` of all KV-head units, rounded to whole units over the model (e.g.
+    ``heads:0.125`` = 2 of 16), which a uniform plan can only round to whole units per layer."""
+    if not structure.startswith("heads"):
+        return ratio
+    heads = [g for g in graph.groups() if g.kind is GroupKind.B]
+    total = depgraph.count_parameters(graph.model)
+    one_each = total - depgraph.simulate_params(graph, {g: [0] for g in heads})  # one KV unit in every layer
+    if ":" in structure:
+        units = round(float(structure.split(":")[1]) * heads[0].size * len(heads))
+        b_share = units * one_each / len(heads) / total
+    else:
+        per_layer = max(1, round(ratio * heads[0].size))
+        b_share = (total - depgraph.simulate_params(graph, {g: list(range(per_layer)) for g in heads})) / total
+    if b_share >= ratio:
+        raise ValueError(f"{structure}@{ratio}: the heads alone are {b_share:.1%} of the parameters; use a "
+                         "larger budget")
+    return {"A": ratio - b_share, "B": b_share}
 
 
 def fixed_plan_pruner(graph: depgraph.DependencyGraph, per_group: dict[int, torch.Tensor], structure: str,
                       ratio: float, recon: str = "none", calib: Any = None, criterion: str | None = None,
-                      damp: float = 0.01) -> tuple[depgraph.DependencyGraph, depgraph.PruneReport, float]:
+                      damp: float = 0.01, allocation: str = "uniform", spread: float = 0.5,
+                      ) -> tuple[depgraph.DependencyGraph, depgraph.PruneReport, float]:
     """Copy ``graph`` (and its model), prune it with fixed per-group scores (by group index); time the cut.
 
     ``recon`` (one of ``RECONSTRUCT``) refits the cut layers on ``calib``; ``"lsq-seq"`` with
     ``criterion="obs"`` runs ``Pruner(criterion="obs", sequential=True)`` (units re-chosen layer by layer).
+    ``allocation``/``spread``: ``Pruner(allocation=, allocation_spread=)`` (per-layer budgets).
     """
     g2 = copy.deepcopy(graph)
-    kinds = {GroupKind(k) for k in STRUCT_KINDS[structure]}
+    kinds = {GroupKind(k) for k in STRUCT_KINDS[structure.split(":")[0]]}
     groups = g2.groups()
     fixed = {groups[i]: s for i, s in per_group.items() if groups[i].kind in kinds}
     method = None if recon == "none" else recon.split("-")[0]
     sequential = recon.endswith("-seq")
     crit: Any = "obs" if sequential and criterion == "obs" else fixed
     t = time.perf_counter()
-    report = depgraph.Pruner(g2, criterion=crit, ratio=ratio, target="params", kinds=sorted(k.value for k in kinds),
+    needs_calib = method is not None or allocation in ("sensitivity", "outlier")
+    report = depgraph.Pruner(g2, criterion=crit, ratio=struct_ratio(g2, structure, ratio), target="params",
+                             kinds=sorted(k.value for k in kinds),
                              progress=False, reconstruct=method, sequential=sequential, damp=damp,
-                             calib=calib if method else None).prune()
+                             calib=calib if needs_calib else None, allocation=allocation,
+                             allocation_spread=spread).prune()
     return g2, report, time.perf_counter() - t
 
 
@@ -375,8 +428,8 @@ def check_fixed_scores(bench: LlamaBench, graph: depgraph.DependencyGraph, struc
     per_group = {i: combine(scores[g], "sum") for i, g in enumerate(graph.groups())}
     a, _, _ = fixed_plan_pruner(graph, per_group, structure, ratio)
     b = copy.deepcopy(bench.model)
-    depgraph.Pruner(b, criterion="l2", aggregate="sum", ratio=ratio, target="params",
-                    kinds=list(STRUCT_KINDS[structure]), progress=False).prune()
+    depgraph.Pruner(b, criterion="l2", aggregate="sum", ratio=struct_ratio(graph, structure, ratio), target="params",
+                    kinds=list(STRUCT_KINDS[structure.split(":")[0]]), progress=False).prune()
     sa, sb = a.model.state_dict(), b.state_dict()
     same = sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
     return "identical" if same else "DIFFERENT"
@@ -403,23 +456,23 @@ def run_depgraph_grid(bench: LlamaBench, rows: list[dict], best: dict[Any, tuple
         aggs = ["sum"] if crit == "random" else s.aggregations
         for agg in aggs:
             per_group = {i: combine(scores[g], agg) for i, g in enumerate(graph.groups()) if scores[g]}
-            for structure, ratio, recon in ((st, r, rc) for st in s.structures for r in s.ratios
-                                            for rc in s.reconstruct):
+            for structure, ratio, recon, alloc in ((st, r, rc, al) for st in s.structures for r in s.ratios
+                                                   for rc in s.reconstruct for al in s.allocations):
                 if s.cells is not None and (structure, ratio) not in s.cells:
                     continue
                 fields = {"section": "depgraph", "method": "depgraph", "structure": structure,
                           "criterion": crit, "aggregation": "any" if crit == "random" else agg,
-                          "budget": ratio, "reconstruct": recon}
+                          "budget": ratio, "reconstruct": recon, "allocation": alloc}
                 try:
                     g2, report, cut_s = fixed_plan_pruner(graph, per_group, structure, ratio, recon, bench.calib,
-                                                          crit, s.damp)
+                                                          crit, s.damp, alloc, s.spread)
                     row = bench.row(g2.model, **fields, score_s=score_s, prune_s=score_s + cut_s,
                                     target=str(report.target))
                 except Exception as exc:
                     row = {**fields, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
                     traceback.print_exc()
                 rows.append(row)
-                log(f"depgraph {structure} {crit}/{agg} @{ratio:.0%} recon={recon}: ppl "
+                log(f"depgraph {bench.lm} {structure} {crit}/{agg} @{ratio:.0%} recon={recon} alloc={alloc}: ppl "
                     f"{row.get('ppl', float('nan')):.3f} params -{row.get('removed_pct', float('nan')):.1f}% "
                     f"({row.get('prune_s', 0):.1f}s prune, {row.get('eval_s', 0):.1f}s eval)")
                 if row["status"] == "ok":
@@ -529,13 +582,14 @@ def tp_worker(spec: dict[str, Any]) -> None:
     """Child process: prune with Torch-Pruning to each target parameter count, save the models."""
     torch.set_num_threads(spec["threads"])
     faulthandler.dump_traceback_later(max(spec["timeout"] * 0.8, 5), exit=True)  # show where a hang is
-    model, tok, _ = train_tiny_llama(spec["cache_dir"], quick=spec["quick"], verbose=False)
+    model, tok, _ = train_tiny_llama(spec["cache_dir"], quick=spec["quick"], verbose=False,
+                                     tokenizer=spec.get("tokenizer", "byte"))
     torch.set_num_threads(spec["threads"])
     model.eval()
     grads = None
     t0 = time.perf_counter()
     if spec["imp"] == "taylor":  # gradients of the calibration loss, the same batches depgraph scores with
-        train_ids = torch.tensor(tok.encode(read_text(default_text_path("valid"))), dtype=torch.long)
+        train_ids = torch.tensor(encode(tok, read_text(default_text_path("valid"))), dtype=torch.long)
         calib = calibration_batches(train_ids, n_samples=spec["calib_samples"], seq_len=spec["context"],
                                     seed=spec["seed"], batch_size=spec["calib_batch"])
         model.zero_grad(set_to_none=True)
@@ -597,6 +651,7 @@ def run_tp(bench: LlamaBench, rows: list[dict], targets: dict[float, int],
         for mode in modes:
             timeout = s.tp_heads_timeout if mode == "heads" else s.tp_timeout
             spec = {"imp": imp, "mode": mode, "targets": [targets[r] for r in s.ratios], "quick": s.quick,
+                    "tokenizer": bench.lm,
                     "cache_dir": s.cache_dir, "threads": s.threads, "timeout": timeout, "iters": 12,
                     "out": str(tmp), "calib_samples": s.calib_samples, "calib_batch": s.calib_batch,
                     "context": s.context, "seed": s.seed}
@@ -795,7 +850,8 @@ def pivot_tables(rows: list[dict], s: Settings) -> str:
         for ratio in s.ratios:
             sel = {(r["criterion"], r["aggregation"]): r for r in rows
                    if r.get("section") == "depgraph" and r.get("status") == "ok" and r["structure"] == structure
-                   and r["budget"] == ratio and r.get("reconstruct", "none") == "none"}
+                   and r["budget"] == ratio and r.get("reconstruct", "none") == "none"
+                   and r.get("allocation", "uniform") == "uniform"}
             if not sel:
                 continue
             body = []
@@ -815,13 +871,17 @@ def pivot_tables(rows: list[dict], s: Settings) -> str:
 
 
 def reconstruction_table(rows: list[dict], s: Settings, base_ppl: float) -> str:
-    """Perplexity per (structure, budget, criterion/aggregation) with each reconstruction variant side by
-    side, the ratio of the best to the unpruned model, and Torch-Pruning's rows of the same cell."""
+    """Perplexity per (structure, budget, criterion/aggregation, allocation) with each reconstruction variant
+    side by side, the ratio of the best to the unpruned model, the share of heads (B) and MLP neurons (A)
+    removed, and Torch-Pruning's rows of the same cell."""
     cells: dict[tuple, dict[str, float]] = {}
+    shares: dict[tuple, str] = {}
     for r in rows:
         if r.get("section") == "depgraph" and r.get("status") == "ok":
-            key = (r["structure"], r["budget"], f"{r['criterion']}/{r['aggregation']}")
+            key = (r["structure"], r["budget"], f"{r['criterion']}/{r['aggregation']}", r.get("allocation", "uniform"))
             cells.setdefault(key, {})[r.get("reconstruct", "none")] = r["ppl"]
+            k = r.get("kind_removed_pct") or {}
+            shares[key] = f"{r['removed_pct']:.1f}% | {k.get('A', 0):.0f}% / {k.get('B', 0):.0f}%"
     tp_struct = {"block": "block (heads+MLP)", "mlp": "MLP only", "channel": "channel"}
     tp: dict[tuple, list[str]] = {}
     for r in rows:
@@ -829,16 +889,18 @@ def reconstruction_table(rows: list[dict], s: Settings, base_ppl: float) -> str:
             for st, label in tp_struct.items():
                 if r["structure"] == label:
                     tp.setdefault((st, r["budget"]), []).append(f"{r['criterion']} {r['ppl']:.3f}")
-    if not any(len(v) > 1 or "none" not in v for v in cells.values()):
+    if not any(len(v) > 1 or "none" not in v for v in cells.values()) and len(s.allocations) < 2:
         return ""
+    order = {a: i for i, a in enumerate(s.allocations)}
     body = []
-    for (st, budget, crit), by in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    for key, by in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], order.get(kv[0][3], 9))):
+        st, budget, crit, alloc = key
         vals = [by.get(v) for v in s.reconstruct]
         best = min(v for v in vals if v is not None)
-        body.append([st, _f(budget, "{:.0%}"), crit, *[_f(v) for v in vals], f"{best / base_ppl:.3f}",
-                     "; ".join(tp.get((st, budget), [])) or "-"])
-    return _table(["structure", "budget", "criterion/aggregation", *[f"ppl {v}" for v in s.reconstruct],
-                   "best ÷ unpruned", "Torch-Pruning"], body)
+        body.append([st, _f(budget, "{:.0%}"), crit, alloc, shares[key], *[_f(v) for v in vals],
+                     f"{best / base_ppl:.3f}", "; ".join(tp.get(("block" if st.startswith("heads") else st, budget), [])) or "-"])
+    return _table(["structure", "budget", "criterion/aggregation", "allocation", "params removed", "A / B removed",
+                   *[f"ppl {v}" for v in s.reconstruct], "best ÷ unpruned", "Torch-Pruning"], body)
 
 
 def aggregation_summary(rows: list[dict], s: Settings) -> list[dict]:
@@ -848,7 +910,7 @@ def aggregation_summary(rows: list[dict], s: Settings) -> list[dict]:
     cells: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if (r.get("section") == "depgraph" and r.get("status") == "ok" and r["criterion"] != "random"
-                and r.get("reconstruct", "none") == "none"):
+                and r.get("reconstruct", "none") == "none" and r.get("allocation", "uniform") == "uniform"):
             cells.setdefault((r["criterion"], r["structure"], r["budget"]), {})[r["aggregation"]] = r["ppl"]
     out = []
     for scope in ["all", *s.structures]:
@@ -904,18 +966,24 @@ def minilm_table(mini: dict) -> str:
 
 
 def render(result: dict[str, Any], s: Settings) -> str:
-    meta, llama = result["meta"], result["llama"]
+    meta = result["meta"]
     parts = [f"## Pruning quality ({'quick' if s.quick else 'full'} mode)\n",
              f"{meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}, "
              f"torch-pruning {meta['torch_pruning']}, peft {meta['peft']}; torch threads: {meta['threads']}; "
              f"total {meta['wall_s']:.0f} s.\n"]
-    if llama:
+    for llama in (v for k, v in result.items() if k == "llama" or k.startswith("llama_")):
+        if not llama:
+            continue
         b = llama["base"]
+        lm = llama.get("lm", "byte")
+        unit = "bytes" if lm == "byte" else f"{lm.upper()} tokens"
+        vocab = b["info"].get("vocab_size", 259)
         parts.append(
-            f"### Tiny Llama ({'quick' if s.quick else 'full'}: {b['params']:,} params, "
-            f"{b['layers']} layers)\n\nPerplexity on the first {s.eval_tokens:,} bytes of WikiText-2 test.txt, "
+            f"### Tiny Llama, {lm} tokenizer ({'quick' if s.quick else 'full'}: {b['params']:,} params, "
+            f"{b['layers']} layers, vocabulary {vocab:,})\n\nPerplexity per {unit.rstrip('s')} on the first "
+            f"{s.eval_tokens:,} {unit} of WikiText-2 test.txt, "
             f"context {s.context} (non-overlapping windows); unpruned {b['ppl']:.3f}. Calibration: "
-            f"{s.calib_samples} x {s.context} bytes of valid.txt (seed {s.seed}). Latency: [1, {s.context}] CPU "
+            f"{s.calib_samples} x {s.context} {unit} of valid.txt (seed {s.seed}). Latency: [1, {s.context}] CPU "
             f"forward, median of {s.latency_rounds} interleaved rounds x {s.latency_repeats} (unpruned "
             f"{b['latency_ms']:.1f} ms); MACs of the same forward. Fixed-score path check: "
             f"{llama['fixed_score_check']}.\n")
@@ -931,8 +999,9 @@ def render(result: dict[str, Any], s: Settings) -> str:
                   _f(a["geo_mean_ppl"]), _f(a["geo_mean_ppl_vs_sum"], "{:.3f}")] for a in agg]) + "\n")
         recon = reconstruction_table(llama["rows"], s, b["ppl"])
         if recon:
-            parts.append("Reconstruction (depgraph.reconstruct; same plan per row, same parameter count):\n\n"
-                         + recon + "\n")
+            parts.append("Reconstruction and per-layer allocation (depgraph.reconstruct, Pruner(allocation=); "
+                         "params removed: of the whole model (a plan the rounding keeps short says so); A / B "
+                         "removed: share of MLP neurons / heads cut):\n\n" + recon + "\n")
         parts.append("All rows:\n\n" + llama_table(llama["rows"], b) + "\n")
         if llama.get("best"):
             parts.append("Best per budget: " + "; ".join(
@@ -973,11 +1042,11 @@ def run(s: Settings) -> dict[str, Any]:
                                        **versions(), "threads": s.threads, "cpu_count": os.cpu_count(),
                                        "settings": {k: v for k, v in vars(s).items()}},
                               "llama": None, "recovery": [], "minilm": None}
-    if "llama" not in s.skip:
-        bench = setup_llama(s)
+    for lm in (s.lms if "llama" not in s.skip else []):
+        bench = setup_llama(s, lm)
         base_lat = latency_ms(bench.model, s.context, repeats=s.latency_repeats, warmup=1)
         layers = bench.model.config.num_hidden_layers
-        log(f"tiny Llama: {bench.params:,} params, test ppl {bench.base_ppl:.3f} on {s.eval_tokens} bytes")
+        log(f"tiny Llama ({lm}): {bench.params:,} params, test ppl {bench.base_ppl:.3f} on {s.eval_tokens} tokens")
         rows: list[dict] = []
         best: dict[Any, tuple[float, nn.Module, dict]] = {}
         verdict = run_depgraph_grid(bench, rows, best)
@@ -991,7 +1060,9 @@ def run(s: Settings) -> dict[str, Any]:
             targets = {r: dg_best[r][2]["params"] for r in s.ratios if r in dg_best}
             with tempfile.TemporaryDirectory(prefix="quality-tp-") as tmp:
                 run_tp(bench, rows, targets, tp_best, Path(tmp))
-        result["llama"] = {
+        # the first LM is "llama" (the byte-level one by default), the others "llama_<tokenizer>"
+        result["llama" if lm == s.lms[0] else f"llama_{lm}"] = {
+            "lm": lm,
             "base": {"params": bench.params, "ppl": bench.base_ppl, "macs": bench.costs.base_macs,
                      "latency_ms": base_lat, "layers": layers, "info": {k: v for k, v in bench.info.items()
                                                                         if k != "path"}},
@@ -1000,7 +1071,7 @@ def run(s: Settings) -> dict[str, Any]:
             "tp_best": {f"{r:.0%}": v[2] for r, v in sorted(tp_best.items())},
             "aggregation_summary": aggregation_summary(rows, s),
         }
-        if "recovery" not in s.skip and s.recovery_steps > 0:
+        if "recovery" not in s.skip and s.recovery_steps > 0 and lm == s.lms[0]:  # the first LM only (cost)
             r0 = s.ratios[0]
             cands: list[tuple[str, nn.Module, dict]] = []
             for key in (r0, ("block", r0)):  # the best overall, and the best LLM-Pruner-style (A+B) row
@@ -1044,8 +1115,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reconstruct", default=None,
                         help=f"comma list of {','.join(RECONSTRUCT)}: depgraph rows with each (default: none)")
     parser.add_argument("--damp", type=float, default=0.01, help="reconstruction ridge term (default 0.01)")
+    parser.add_argument("--allocations", default=None,
+                        help=f"comma list of {','.join(ALLOCATIONS)}: per-layer budgets (Pruner(allocation=); "
+                             "default: uniform)")
+    parser.add_argument("--allocation-spread", type=float, default=0.5,
+                        help="Pruner(allocation_spread=) of the increasing and outlier rows (default 0.5)")
+    parser.add_argument("--lms", default=None,
+                        help=f"comma list of benchmark LMs by tokenizer ({','.join(TOKENIZERS)}; full default: both, "
+                             "quick: byte)")
     parser.add_argument("--rows", default=None,
-                        help="only these structure@budget cells, e.g. block@0.2,mlp@0.2,block@0.5,channel@0.2 "
+                        help="only these structure@budget cells, e.g. heads@0.2,block@0.2,mlp@0.2,block@0.5,channel@0.2 "
                              "(sets --structures/--ratios; MiniLM runs the budgets)")
     parser.add_argument("--tp-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

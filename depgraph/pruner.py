@@ -21,6 +21,28 @@ How many units each group loses:
 * ``ratio={"A": 0.3, "B": 0.1}``: an explicit budget per kind (of that kind's units, or of the model's
   parameters removed through that kind for ``target="params"``); each kind is planned on its own.
 
+Per-layer budgets (``allocation``, with ``target="params"`` and local scope): the same exact-parameter
+prefix search, over candidate cuts ordered so that layers are cut at different rates. Every decoder layer
+is then its own class (widths differ between layers, so the model needs depgraph's checkpoint format):
+
+* ``"uniform"`` (default): every layer at the same fraction, identical blocks together (above).
+* ``"increasing"``: SlimGPT's schedule: layer ``i`` of ``n`` is cut at a rate proportional to
+  ``1 - s + 2 s · ln(1 + i) / ln(n)`` (``s = allocation_spread``, default 0.5: the last layer at three
+  times the first layer's rate), so deeper layers lose more; the target fixes the absolute ratios.
+* ``"outlier"``: OWL's outlier-weighted schedule: layer ``i``'s rate is ``1 - s · (D_i - mean D) / max|D -
+  mean D|``, ``D_i`` its outlier ratio (:func:`depgraph.reconstruct.outlier_ratios`: the share of Wanda
+  scores above 5x the layer mean, on ``calib``), so layers with more outliers are cut less.
+* a sequence of positive per-layer weights: the same with your own rates.
+* ``"sensitivity"``: measured. For each layer's group of each kind, the units the criterion ranks lowest
+  are cut alone, at 0.25-3x the uniform plan's count for that group (7 sizes), on ``calib``, and the
+  model's output error is recorded (:func:`depgraph.reconstruct.plan_errors`: KL divergence of the
+  predicted distribution for LMs, relative squared error otherwise; the consumers refitted first when
+  ``reconstruct`` is set, so the error is the one that cut would leave). Cuts are then taken in order of
+  the error they add per parameter removed (piecewise-linear between the measured sizes): a greedy
+  water-filling of the parameter budget that protects the layers (and kinds) where a cut costs most.
+  Cost: one calibration pass per measured size (7 per layer and kind), plus one for the ``H`` of all
+  consumers when reconstructing (all layers' ``H`` at once). ``pruner.sensitivity`` keeps the curves.
+
 Every group keeps at least one unit. ``round_to`` rounds widths (A, C: the number of units a group keeps
 is a multiple of it), ``head_round_to`` rounds heads (B: for attention groups a unit is one KV head with
 its query heads). A rounding that leaves a kind with no cut at all is reported (``report.target.notes``
@@ -44,7 +66,7 @@ import numbers
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +119,8 @@ class TargetReport:
     request and no group was held at its minimum size short of it (``limited``). ``kinds``: per-kind
     results; ``notes``: constraints that changed the plan (a kind left uncut by rounding, ...);
     ``hf_reason``: why plain ``from_pretrained`` cannot load the model now (None: it can).
+    ``allocation``: how the budget was spread over the layers; ``layer_ratios``: per decoder layer, the
+    fraction of each kind's units removed there (``{0: {"A": 0.1, "B": 0.25}, ...}``).
     """
 
     metric: str  # "units" (of the selected groups) or "params" (of the whole model)
@@ -108,6 +132,8 @@ class TargetReport:
     kinds: dict[str, KindResult] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     hf_reason: str | None = None
+    allocation: str = "uniform"
+    layer_ratios: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def reached(self) -> bool:
@@ -131,6 +157,10 @@ class TargetReport:
             want = f", requested {r.requested:.2%}" if r.requested is not None else ""
             lines.append(f"  {k}: {r.units_before} -> {r.units_after} units ({r.ratio:.2%} removed{want}), "
                          f"{r.params_ratio:.2%} of parameters")
+        if self.allocation != "uniform" and self.layer_ratios:
+            lines.append(f"  allocation {self.allocation}: " + "; ".join(
+                f"layer {i} " + " ".join(f"{k} {r:.0%}" for k, r in sorted(by.items()))
+                for i, by in sorted(self.layer_ratios.items())))
         lines += [f"  note: {n}" for n in self.notes]
         lines.append("  plain from_pretrained: " + ("yes" if self.hf_reason is None else
                                                    f"no, needs depgraph.load_pretrained: {self.hf_reason}"))
@@ -335,7 +365,10 @@ def _check_choice(name: str, value, choices) -> Any:
 PRUNER_KEYWORDS = ("criterion", "aggregate", "ratio", "target", "scope", "structure", "kinds", "skip_first",
                    "skip_last", "round_to", "head_round_to", "steps", "calib", "seed", "progress", "normalize",
                    "loss_fn", "example_inputs", "hf_loadable", "allow_partial", "reconstruct", "sequential",
-                   "damp")
+                   "damp", "allocation", "allocation_spread")
+ALLOCATIONS = ("uniform", "increasing", "outlier", "sensitivity")
+# the cut sizes at which "sensitivity" measures a layer, as multiples of the uniform plan's count
+_SENSITIVITY_POINTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
 class Pruner:
@@ -355,8 +388,12 @@ class Pruner:
     ``reconstruct``: ``"lsq"`` or ``"bias"`` refits the layers reading the cut units on ``calib`` in the
     same atomic cut (:func:`depgraph.reconstruct.reconstruct`; ``damp`` is its ridge term, also used by
     ``criterion="obs"``); ``sequential=True`` does it decoder layer by decoder layer, and with
-    ``criterion="obs"`` re-chooses each layer's units (same counts) from the already pruned layers' outputs. Extra keyword ``options``
-    go to the criterion; only those it declares (e.g. ``grad_budget`` for Taylor) are accepted.
+    ``criterion="obs"`` re-chooses each layer's units (same counts) from the already pruned layers' outputs.
+    ``allocation``: ``"uniform"``, ``"increasing"`` (``allocation_spread`` in [0, 1) sets how steep),
+    ``"outlier"`` (OWL; needs ``calib``), ``"sensitivity"`` (needs ``calib``) or per-layer weights: how
+    the parameter budget is spread over the decoder layers (see the module docstring; needs
+    ``target="params"``, local scope, no ``hf_loadable``). Extra keyword ``options`` go to the criterion;
+    only those it declares (e.g. ``grad_budget`` for Taylor) are accepted.
     Every argument is checked here: a bad one raises :class:`~depgraph.errors.PlanError` (a ``PruneError``
     and ``ValueError``) naming the accepted values, before anything is traced or cut.
     """
@@ -369,7 +406,8 @@ class Pruner:
                  seed: int = 0, progress: bool = True, normalize: str | None = "auto",
                  loss_fn: Callable | None = None, example_inputs=None, hf_loadable: bool = False,
                  allow_partial: bool = False, reconstruct: str | None = None, sequential: bool = False,
-                 damp: float = reconstruction.DEFAULT_DAMP, **options):
+                 damp: float = reconstruction.DEFAULT_DAMP, allocation: str | Sequence[float] = "uniform",
+                 allocation_spread: float = 0.5, **options):
         # ---- every argument, before anything is traced or cut
         if not isinstance(model_or_graph, (nn.Module, DependencyGraph)):
             raise _fail("model_or_graph", type(model_or_graph).__name__, "a torch.nn.Module or a DependencyGraph")
@@ -456,6 +494,7 @@ class Pruner:
                             "'bias'); nothing was cut")
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
             raise _fail("damp", damp, "a positive number (the ridge term relative to the mean diagonal)")
+        allocation = self._check_allocation(allocation, allocation_spread, target, scope, hf_loadable, calib)
         if isinstance(model_or_graph, DependencyGraph) and example_inputs is not None:
             raise PlanError("Pruner: example_inputs is only used to trace a model; a DependencyGraph is already "
                             "traced (pass the model instead, or drop example_inputs); nothing was cut")
@@ -478,6 +517,14 @@ class Pruner:
             self.options.setdefault("damp", self.damp)
         layers = [i for i in (layer_index(g) for g in all_groups) if i is not None]
         n_layers = max(layers) + 1 if layers else 0
+        if not isinstance(allocation, str) and len(allocation) != n_layers:
+            raise PlanError(f"Pruner: allocation has {len(allocation)} per-layer weight(s) but the model has "
+                            f"{n_layers} decoder layer(s); give one positive weight per layer; nothing was cut")
+        self.allocation, self.allocation_spread = allocation, float(allocation_spread)
+        self.n_layers = n_layers
+        self._alloc_keys: Callable[[list[int], int, int], float] | None = None  # (class, units before, after)
+        # last measured: group -> [(fraction cut, output error)] ("sensitivity"), or the outlier ratios
+        self.sensitivity: dict[str, list[tuple[float, float]]] = {}
         self.groups: list[Group] = []
         for g in all_groups:
             i = layer_index(g)
@@ -500,6 +547,36 @@ class Pruner:
         self._kind_params: dict[str, int] = defaultdict(int)  # parameters removed through each kind so far
         self._planned_kind_params: dict[str, int] | None = None
         self._last_plan: dict | None = None
+
+    @staticmethod
+    def _check_allocation(allocation, spread, target: str, scope: str, hf_loadable: bool, calib):
+        """``allocation``/``allocation_spread`` checked against each other and the other arguments."""
+        if isinstance(allocation, str):
+            _check_choice("allocation", allocation, ALLOCATIONS)
+        elif isinstance(allocation, Sequence) and allocation and all(
+                isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                for w in allocation):
+            allocation = tuple(float(w) for w in allocation)
+        else:
+            raise _fail("allocation", allocation, "one of " + ", ".join(repr(a) for a in ALLOCATIONS) +
+                        " or a sequence of positive per-layer weights")
+        if (isinstance(spread, bool) or not isinstance(spread, numbers.Real) or not math.isfinite(spread)
+                or not 0.0 <= float(spread) < 1.0):
+            raise _fail("allocation_spread", spread, "a number in [0, 1) (0: uniform)")
+        if allocation == "uniform":
+            return allocation
+        if target != "params" or scope != "local":
+            raise PlanError(f"Pruner: allocation={allocation!r} distributes a parameter budget over the layers: "
+                            "it needs target='params' and scope='local' (scope='global' allocates by ranking "
+                            "scores instead); nothing was cut")
+        if hf_loadable:
+            raise PlanError(f"Pruner: allocation={allocation!r} gives layers different widths, which a Hugging "
+                            "Face config cannot describe; use hf_loadable=False (save with "
+                            "depgraph.save_pretrained); nothing was cut")
+        if allocation in ("sensitivity", "outlier") and calib is None:
+            raise PlanError(f"Pruner: allocation={allocation!r} measures each layer on calib= (token ids [N, L] "
+                            "or a list of batches); nothing was cut")
+        return allocation
 
     @staticmethod
     def _fixed_scores(criterion: Mapping, all_groups: list[Group]) -> dict[Group, torch.Tensor]:
@@ -569,9 +646,13 @@ class Pruner:
         chunks = [_chunks(g.size, self._round(g)) for g in groups]
         classes = self._classes(groups)
         hf = _LoadableSearch(self.graph, groups, classes, chunks) if self.hf_loadable else None
+        self._alloc_keys = None  # uniform first: the reachability check, and sensitivity's reference plan
         if self.step_index == 0 and self.steps > 1:  # refuse an unreachable final target before the first cut
             self._refuse_unreachable(self._counts(groups, scores, orders, chunks, classes, hf, self.steps))
         outcome = self._counts(groups, scores, orders, chunks, classes, hf, self.step_index + 1)
+        if self.allocation != "uniform" and not outcome.limited:
+            self._alloc_keys = self._allocation_keys(groups, orders, chunks, classes, outcome.counts)
+            outcome = self._counts(groups, scores, orders, chunks, classes, hf, self.step_index + 1)
         self._refuse_unreachable(outcome)
         plan = {g: sorted(int(u) for u in order[:n]) for g, order, n in zip(groups, orders, outcome.counts) if n}
         if hf is not None:
@@ -592,12 +673,88 @@ class Pruner:
         return plan
 
     def _classes(self, groups: list[Group]) -> list[list[int]]:
-        """Indices of identical blocks (same structure, same size, same cuts so far): they advance together."""
+        """Indices of identical blocks (same structure, same size, same cuts so far): they advance together.
+        A non-uniform allocation gives each layer its own budget, so there a class never spans layers."""
         out: dict[tuple, list[int]] = {}
         for i, g in enumerate(groups):
             key = (_signature(g, self.original_size[id(g)]), self._removed_before(g), self._round(g))
+            if self.allocation != "uniform":
+                key += (layer_index(g),)
             out.setdefault(key, []).append(i)
         return list(out.values())
+
+    def _layer_weights(self) -> list[float]:
+        """Relative rate at which each decoder layer is cut (``"increasing"``, ``"outlier"`` or weights)."""
+        if not isinstance(self.allocation, str):
+            return list(self.allocation)
+        n, s = self.n_layers, self.allocation_spread
+        if self.allocation == "outlier":  # OWL: more outliers, lower rate, linearly within 1 -/+ s
+            ratios = reconstruction.outlier_ratios(self.model, self.calib, progress=self.progress)
+            self.sensitivity = {f"layer {i} outlier ratio": [(0.0, r)] for i, r in ratios.items()}
+            d = [ratios.get(i, 0.0) for i in range(n)]
+            mean, span = sum(d) / max(n, 1), max((abs(x - sum(d) / max(n, 1)) for x in d), default=0.0)
+            return [1.0 - s * (x - mean) / span if span > 0 else 1.0 for x in d]
+        # SlimGPT's schedule: the ratio grows logarithmically with depth, here from 1 - s to 1 + s times the
+        # rate of the middle; the exact parameter target then fixes the absolute ratios
+        return [1.0 - s + 2.0 * s * (math.log1p(i) / math.log(n) if n > 1 else 0.5) for i in range(n)]
+
+    def _allocation_keys(self, groups: list[Group], orders, chunks, classes, uniform: list[int]):
+        """The order key of a class's cut from ``a`` to ``b`` units (this step): cuts are taken lowest key
+        first, so the exact-parameter prefix search of :meth:`_take_params` spends the budget in that order."""
+        if self.allocation != "sensitivity":
+            weights = self._layer_weights()
+
+            def by_weight(cls: list[int], a: int, b: int) -> float:
+                g = groups[cls[0]]
+                i = layer_index(g)
+                w = weights[i] if i is not None and i < len(weights) else 1.0
+                return (self._removed_before(g) + b) / self.original_size[id(g)] / w
+
+            return by_weight
+        # sensitivity: each class's output error at a few cut sizes around the uniform plan's (the units the
+        # criterion ranks lowest, consumers refitted as this pruner will), then cuts ordered by the error
+        # they add per parameter removed: a greedy water-filling of the budget over the layers
+        counter = _ParamCounter(self.graph, groups, orders)
+        plans, owners = [], []
+        for cls in classes:
+            sizes = np.cumsum(chunks[cls[0]]).tolist()
+            if not sizes:
+                continue
+            ref = max(uniform[cls[0]], sizes[0])
+            points = sorted({_closest(sizes, m * ref) for m in _SENSITIVITY_POINTS})
+            for n in points:
+                plans.append({groups[gi]: [int(u) for u in orders[gi][:n]] for gi in cls})
+                owners.append((tuple(cls), n))
+        errors = reconstruction.plan_errors(self.graph, plans, self.calib, self.reconstruct, damp=self.damp,
+                                            progress=self.progress) if plans else []
+        curves: dict[tuple[int, ...], list[tuple[int, float]]] = defaultdict(lambda: [(0, 0.0)])
+        for (cls, n), e in zip(owners, errors):
+            curves[cls].append((n, e))
+        self.sensitivity = {groups[cls[0]].name + (f" (+{len(cls) - 1})" if len(cls) > 1 else ""):
+                            [(n / groups[cls[0]].size, e) for n, e in pts[1:]] for cls, pts in curves.items()}
+        per_unit = {}
+        for cls, pts in curves.items():
+            n_max = pts[-1][0]
+            counts = [0] * len(groups)
+            for gi in cls:
+                counts[gi] = n_max
+            per_unit[cls] = max(counter.removed(counts) / max(n_max, 1), 1.0)
+
+        def error_at(cls: tuple[int, ...], n: int) -> float:
+            pts = curves[cls]
+            for (n0, e0), (n1, e1) in zip(pts, pts[1:]):
+                if n <= n1:
+                    return e0 + (e1 - e0) * (n - n0) / max(n1 - n0, 1)
+            (n0, e0), (n1, e1) = pts[-2], pts[-1]  # beyond the last point: its slope, never decreasing
+            return e1 + max(e1 - e0, 0.0) * (n - n1) / max(n1 - n0, 1)
+
+        def by_error(cls: list[int], a: int, b: int) -> float:
+            key = tuple(cls)
+            if key not in curves:
+                return math.inf
+            return max(error_at(key, b) - error_at(key, a), 0.0) / (per_unit[key] * max(b - a, 1))
+
+        return by_error
 
     def _removed_before(self, g: Group) -> int:
         return self.original_size[id(g)] - g.size
@@ -640,7 +797,7 @@ class Pruner:
             out.tolerance /= 2 * max(sum(self.original_size.values()), 1)
         return out
 
-    def _candidates(self, pool, groups, scores, orders, chunks, classes, hf) -> list[tuple[float, list[int], int]]:
+    def _candidates(self, pool, groups, scores, orders, chunks, classes, hf) -> list[tuple[Any, list[int], int]]:
         """Cuts in the order they are taken: ``(key, group indices, units each)``; local scope advances
         identical blocks together, global scope takes one kind's chunks by mean normalised score."""
         members = set(pool.members)
@@ -653,9 +810,15 @@ class Pruner:
                 g = groups[cls[0]]
                 orig, done = self.original_size[id(g)], self._removed_before(g)
                 sizes = hf.class_steps(cls) if hf is not None else chunks[cls[0]]
+                cut, last = 0, 0.0  # units of this step; the class's largest key so far
                 for size in sizes:
                     done += size
-                    cands.append((done / orig, len(cands), cls, size))
+                    key: Any = done / orig
+                    if self._alloc_keys is not None:  # a class's later cuts never sort before its earlier ones
+                        last = max(last, self._alloc_keys(cls, cut, cut + size))
+                        key = (last, done / orig)
+                    cut += size
+                    cands.append((key, len(cands), cls, size))
         else:
             orig = sum(self.original_size[id(groups[i])] for i in pool.members)
             done = sum(self._removed_before(groups[i]) for i in pool.members)
@@ -871,8 +1034,17 @@ class Pruner:
             requested = self._goal(self.step_index, k) if self.kind_ratio is not None else None
             kinds[k] = KindResult(sum(self.original_size[id(g)] for g in sel), sum(g.size for g in sel),
                                   self._kind_params[k], self.params_before, requested)
+        per_layer: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+        for g in self.groups:
+            i = layer_index(g)
+            if i is not None:
+                per_layer[i][g.kind.value][0] += self.original_size[id(g)] - g.size
+                per_layer[i][g.kind.value][1] += self.original_size[id(g)]
+        layer_ratios = {i: {k: a / max(b, 1) for k, (a, b) in by.items()} for i, by in sorted(per_layer.items())}
+        allocation = self.allocation if isinstance(self.allocation, str) else "weights " + ", ".join(
+            f"{w:g}" for w in self.allocation)
         report = TargetReport(self.target, goal, achieved, self._tolerance, self.step_index, self._limited,
-                              kinds, list(self._notes), plain_hf_reason(self.model))
+                              kinds, list(self._notes), plain_hf_reason(self.model), allocation, layer_ratios)
         for note in self._warn:
             warnings.warn(f"Pruner: {note}", stacklevel=4)
         return report

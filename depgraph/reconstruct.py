@@ -42,6 +42,7 @@ This is the same objective ``method="lsq"`` minimises.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
@@ -54,12 +55,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibration, importance
-from .cut import PruneReport, validate_plan
+from .cut import PruneReport, validate_plan, zero_mask
 from .errors import DepGraphError, PruneError
 from .groups import Group, Member
+from .transaction import Transaction, output_tensor
 
 __all__ = ["DEFAULT_DAMP", "METHODS", "Consumer", "ConsumerFit", "Hessian", "ReconstructionReport", "collect_hessians",
-           "consumers", "fit", "obs_scores", "obs_select", "reconstruct"]
+           "consumers", "fit", "obs_scores", "obs_select", "outlier_ratios", "plan_errors", "reconstruct"]
 
 METHODS = ("lsq", "bias")
 DEFAULT_DAMP = 0.01
@@ -174,8 +176,11 @@ class _Stop(Exception):
 
 
 def collect_hessians(model: nn.Module, names: Iterable[str], batches: list, progress: bool = False,
-                     stop_early: bool = False) -> dict[str, Hessian]:
+                     stop_early: bool = False, diagonal: bool = False) -> dict[str, Hessian]:
     """``H = sum x xᵀ`` (float64) of the input of each named ``nn.Linear``/``Conv1D`` over ``batches``.
+
+    ``diagonal=True`` keeps only ``diag(H) = sum x²`` (a vector, in ``Hessian.H``): what input norms need
+    (Wanda, OWL's outlier ratios), at the memory of one row instead of the ``[n, n]`` matrix.
 
     ``stop_early``: end each forward as soon as every named layer has run once (the rest of the model
     is not needed); only right for layers that run once per forward. A batch given as a dict with an
@@ -197,8 +202,11 @@ def collect_hessians(model: nn.Module, names: Iterable[str], batches: list, prog
             st = stats.get(name)
             if st is None:
                 n = x.shape[-1]
-                st = stats[name] = Hessian(x.new_zeros(n, n), x.new_zeros(n))
-            st.H.addmm_(x.T, x)
+                st = stats[name] = Hessian(x.new_zeros(n) if diagonal else x.new_zeros(n, n), x.new_zeros(n))
+            if diagonal:
+                st.H.add_(x.square().sum(0))
+            else:
+                st.H.addmm_(x.T, x)
             st.s.add_(x.sum(0))
             st.tokens += x.shape[0]
             seen.add(name)
@@ -370,6 +378,116 @@ def reconstruct(graph, plan: Mapping[Group, Iterable[int]], calib, method: str =
     out.reconstruction = report
     out.plan = plan
     return out
+
+
+def outlier_ratios(model: nn.Module, calib, threshold: float = 5.0, progress: bool = False) -> dict[int, float]:
+    """OWL's layer-wise outlier ratio: per decoder layer, the fraction of weights whose Wanda score
+    ``|W_ij| · ||x_j||`` (input norm over ``calib``) exceeds ``threshold`` times the mean score of its
+    layer (``nn.Linear``/``Conv1D`` modules under ``...layers.<i>.``, pooled). Layers with more outliers
+    matter more (Yin et al., 2024); ``Pruner(allocation="outlier")`` cuts them less. One calibration pass,
+    input norms only (no ``[n, n]`` matrix)."""
+    batches = _check_calib(model, calib)
+    names = [n for n, m in model.named_modules() if isinstance(m, importance.MATMUL_LAYERS) and _layer_of(n) is not None]
+    if not names:
+        raise PruneError(f"outlier_ratios: {type(model).__name__} has no Linear/Conv1D layer inside numbered "
+                         "decoder layers; the model is unchanged")
+    stats = collect_hessians(model, names, batches, progress=progress, diagonal=True)
+    modules = dict(model.named_modules())
+    scores: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for name in names:
+        st = stats.get(name)
+        if st is None or st.tokens == 0:
+            continue
+        W = _as_rows(modules[name])
+        scores[_layer_of(name)].append((W.abs() * st.H.sqrt()[None]).reshape(-1))
+    out = {}
+    for layer, parts in sorted(scores.items()):
+        flat = torch.cat(parts)
+        out[layer] = float((flat > threshold * flat.mean()).double().mean())
+    return out
+
+
+def plan_errors(graph, plans: list[Mapping[Group, Iterable[int]]], calib, method: str | None = None, *,
+                damp: float = DEFAULT_DAMP, progress: bool = False) -> list[float]:
+    """The model's output error on ``calib`` if each plan alone were cut, without cutting anything.
+
+    Each plan is applied as the cut computes it (:func:`depgraph.cut.zero_mask`: the removed units' consumer
+    slices zeroed, C channels zeroed everywhere), after refitting its consumers with ``method`` (``"lsq"``,
+    ``"bias"``; None: the plain cut), and the main output on every calibration batch is compared with the
+    unchanged model's: for ``.logits`` (LMs, classifiers) the mean KL divergence ``KL(p || p')`` of the
+    predicted distributions per position; otherwise (a last hidden state, a first tensor) the relative
+    squared error ``sum ||y' - y||² / sum ||y||²``. The
+    consumers' ``H`` come from one calibration pass on the unchanged model (every consumer of every plan at
+    once, as the non-sequential :func:`reconstruct`); the unchanged model's outputs on every calibration
+    token are kept (float32 log-probabilities for LMs: tokens x vocabulary). Every plan is undone before the
+    next one (a :class:`~depgraph.transaction.Transaction` rolled back, also on failure), so the model is
+    unchanged.
+    This is what ``Pruner(allocation="sensitivity")`` ranks layers by.
+    """
+    if method is not None and method not in METHODS:
+        raise PruneError(f"plan_errors: method must be None or one of {METHODS}, got {method!r}")
+    model = graph.model
+    batches = _check_calib(model, calib)
+    plans = [{g: sorted(int(u) for u in units) for g, units in validate_plan(graph, p).items()} for p in plans]
+    with torch.no_grad(), calibration.eval_mode(model):
+        outputs = [calibration.forward(model, b) for b in batches]
+    reference = [output_tensor(o) for o in outputs]
+    kl = all(isinstance(getattr(o, "logits", None), torch.Tensor) for o in outputs)
+    del outputs
+    if any(r is None for r in reference):
+        raise PruneError(f"plan_errors: {type(model).__name__}'s forward returns no tensor (logits, last hidden "
+                         "state or a first tensor) to compare; the model is unchanged")
+    if kl:  # a distribution per position: compare what the model predicts, not the raw logits (kept in
+        # float32: the reference of every calibration token is held, [tokens, vocab])
+        reference = [torch.log_softmax(r.double(), -1).float() for r in reference]
+    positions = sum(r[..., 0].numel() for r in reference)
+    scale = float(positions) if kl else max(sum(float(r.double().pow(2).sum()) for r in reference), 1e-30)
+    stats: dict[str, Hessian] = {}
+    if method is not None:
+        names = list(dict.fromkeys(c.name for p in plans for c in consumers(graph, p)))
+        stats = collect_hessians(model, names, batches)
+    # every name, tied ones included: a member may name the tied copy (lm_head.weight for the embedding)
+    tensors = dict(itertools.chain(model.named_parameters(remove_duplicate=False),
+                                   model.named_buffers(remove_duplicate=False)))
+    errors = []
+    for plan in tqdm(plans, desc="plan errors", disable=not progress, leave=False):
+        with Transaction() as t:
+            replaced: set[int] = set()  # tensors whose data is already a copy of this plan's own
+            try:
+                for c in consumers(graph, plan) if method is not None else []:
+                    st = stats.get(c.name)
+                    if st is None or st.tokens == 0:
+                        continue
+                    bias = getattr(c.module, "bias", None)
+                    b = bias.detach().to(torch.float64) if isinstance(bias, torch.Tensor) else None
+                    W2, b2, _, _ = fit(_as_rows(c.module), b, st, c.removed, method, damp)
+                    t.set_data(c.module.weight, (W2.T if c.in_dim == 0 else W2).to(c.module.weight).contiguous())
+                    replaced.add(id(c.module.weight))
+                    if b2 is not None:
+                        t.set_data(c.module.bias, b2.to(c.module.bias))
+                for g in plan:  # zero_mask writes in place: give it copies (of every member, a superset of what
+                    for m in g.members:  # it zeroes), the rollback restores the originals
+                        tensor = tensors.get(m.param)
+                        if tensor is None:
+                            raise PruneError(f"plan_errors: {m.param} is not a tensor of the model (stale graph); "
+                                             "re-trace it; the model is unchanged")
+                        if id(tensor) not in replaced:
+                            t.set_data(tensor, tensor.data.clone())
+                            replaced.add(id(tensor))
+                zero_mask(graph, plan)
+                total = 0.0
+                with torch.no_grad(), calibration.eval_mode(model):
+                    for b, ref in zip(batches, reference):
+                        out = output_tensor(calibration.forward(model, b)).double()
+                        if kl:  # KL(reference || pruned), summed over positions
+                            ref = ref.double()
+                            total += float((ref.exp() * (ref - torch.log_softmax(out, -1))).sum())
+                        else:
+                            total += float((out - ref).pow(2).sum())
+                errors.append(total / scale)
+            finally:
+                t.rollback()
+    return errors
 
 
 def _reselect(graph, plan: dict[Group, list[int]], stage: list[Consumer], stats: dict[str, Hessian],
