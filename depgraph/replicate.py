@@ -180,9 +180,12 @@ class _Replicator:
         if self.parts.op_warnings:
             raise Mismatch("ops without a rule touch parameters (their reach depends on depth)")
         esc = re.escape(path)
-        self._dotted = re.compile(rf"(?<![\w.]){esc}\.(\d+)(?!\d)")
+        self._dotted = re.compile(rf"(?<![\w.]){esc}\.(\d+)(?!\d)")  # one group: split() keeps the numbers
         self._block_of = re.compile(rf"{esc}\.(\d+)(?:\.|$)")
         self._placeholder = re.compile(rf"^([a-z]_){re.escape(path.replace('.', '_'))}_(\d+)_")
+        self._pieces: dict[str, list[str]] = {}
+        self._node_info: dict[str, tuple] = {}
+        self._keys: dict[str, tuple[str, str]] = {}
         self._segment_nodes()
         self._segment_params()
 
@@ -270,14 +273,26 @@ class _Replicator:
         """``s`` with every ``<blocks>.<j>`` renumbered."""
         if not s or self.path not in s:
             return s
-        return self._dotted.sub(lambda m: f"{self.path}.{bm(int(m.group(1)))}", s)
+        pieces = self._pieces.get(s)
+        if pieces is None:  # literal text and block numbers, alternating (parsed once per string)
+            pieces = self._pieces[s] = self._dotted.split(s)
+        out = [pieces[0]]
+        for i in range(1, len(pieces), 2):
+            out.append(f"{self.path}.{bm(int(pieces[i]))}")
+            out.append(pieces[i + 1])
+        return "".join(out)
 
     def node_name(self, name: str, bm: Callable[[int], int], within: bool = False) -> str:
         """The FX name the node ``name`` has in the full trace (``within``: in the reduced one, renumbered)."""
-        seg = self.seg_of_name.get(name)
-        if seg is None:
-            raise Mismatch(f"unknown node {name}")
-        if name in self.is_placeholder:
+        info = self._node_info.get(name)
+        if info is None:
+            seg = self.seg_of_name.get(name)
+            if seg is None:
+                raise Mismatch(f"unknown node {name}")
+            base, num = self._split(name)
+            info = self._node_info[name] = (seg, name in self.is_placeholder, base, num, self.per_block.get(base, 0))
+        seg, placeholder, base, num, per_block = info
+        if placeholder:
             if seg < 0:
                 return name
             return self._placeholder.sub(lambda m: f"{m.group(1)}{self.path.replace('.', '_')}_{bm(seg)}_", name)
@@ -287,17 +302,19 @@ class _Replicator:
             delta = self.n - self.r
         else:
             return name
-        base, num = self._split(name)
-        num += delta * self.per_block.get(base, 0)
+        num += delta * per_block
         return base if num == 0 else f"{base}_{num}"
 
     def key(self, key: str, bm: Callable[[int], int], within: bool = False) -> str:
         """An ``nx`` node key (``param:<name>:<dim>`` or ``<node>[.<part>]:<dim>``) renamed."""
         if key.startswith("param:"):
             return self.text(key, bm)
-        head, _, dim = key.rpartition(":")
-        node, dot, part = head.partition(".")
-        return f"{self.node_name(node, bm, within)}{dot}{part}:{dim}"
+        parsed = self._keys.get(key)
+        if parsed is None:
+            head, _, dim = key.rpartition(":")
+            node, dot, part = head.partition(".")
+            parsed = self._keys[key] = (node, f"{dot}{part}:{dim}")
+        return self.node_name(parsed[0], bm, within) + parsed[1]
 
     def order(self, order: int, bm: Callable[[int], int], within: bool = False) -> int:
         """A ``ctx.order`` (node position) in the full trace."""
