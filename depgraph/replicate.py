@@ -163,7 +163,10 @@ def replicated_trace(model: nn.Module, inputs) -> DependencyGraph | None:
         return _Replicator(model, inputs, reduced, path, n).graph()
     except Mismatch as exc:
         log.info("depgraph: analysing all %d blocks of %s: %s", n, path, exc)
-        return None
+    except Exception as exc:  # noqa: BLE001  a replication bug must not cost the user a correct graph
+        log.warning("depgraph: block replication failed (%s: %s); analysing all %d blocks instead. Please "
+                    "report the model class.", type(exc).__name__, exc, n)
+    return None
 
 
 # ------------------------------------------------------------------------------------- replication
