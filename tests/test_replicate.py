@@ -35,6 +35,13 @@ def _model(family: str, layers: int = LAYERS, **overrides):
             linear_value_head_dim=16, **overrides)
         torch.manual_seed(0)
         return transformers.Qwen3_5ForCausalLM(config).eval()
+    if family in ("starcoder2", "olmo", "stablelm"):  # rest of the coverage sample
+        name = {"starcoder2": "Starcoder2", "olmo": "Olmo", "stablelm": "StableLm"}[family]
+        config = getattr(transformers, f"{name}Config")(
+            vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, **overrides)
+        torch.manual_seed(0)
+        return getattr(transformers, f"{name}ForCausalLM")(config).eval()
     key = "n_layer" if family == "gpt2" else "num_hidden_layers"
     return tiny_model(family, **{key: layers, **overrides})
 
@@ -62,7 +69,8 @@ def state(model) -> dict:
     return {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "gemma", "qwen3", "phi3", "gpt_neox", "opt", "mixtral"]
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "gemma", "qwen3", "phi3", "phi", "gpt_neox", "opt",
+            "starcoder2", "olmo", "stablelm", "mixtral"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -132,6 +140,13 @@ def test_odd_layer_falls_back():
 def test_alternating_layers_fall_back_and_match(family):
     model = _model(family)
     assert isinstance(replicate.uniform_blocks(model), str)  # per-layer types differ
+    assert canonical(depgraph.trace(model)) == canonical(depgraph.trace(model, replicate=False))
+
+
+def test_blocks_reading_a_lifted_constant_fall_back():
+    model = _model("falcon")  # its attention indexes k/v with a constant export lifts per block
+    assert not isinstance(replicate.uniform_blocks(model), str)
+    assert replicated(model) is None
     assert canonical(depgraph.trace(model)) == canonical(depgraph.trace(model, replicate=False))
 
 
