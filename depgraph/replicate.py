@@ -90,8 +90,9 @@ def block_signature(block: nn.Module, shared: tuple = ()) -> tuple:
     return tuple(out)
 
 
-def uniform_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | str:
-    """``(path, blocks)`` when the model's blocks are identical and worth replicating, else the reason."""
+def uniform_blocks(model: nn.Module) -> tuple[str, nn.ModuleList, int] | str:
+    """``(path, blocks, period)`` when the model's blocks repeat with ``period`` (1: all identical; 2:
+    alternating sliding / full attention, ...) and are worth replicating, else the reason."""
     try:
         path, blocks = depth.find_blocks(model)
     except DepGraphError as exc:
@@ -110,14 +111,16 @@ def uniform_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | str:
             value = getattr(config, key, None)
             if isinstance(value, (list, tuple)):
                 per_layer.append((key, [i in value for i in range(n)]))
-    first = None
-    for i, block in enumerate(blocks):
-        sig = (block_signature(block, shared), tuple((key, repr(value[i])) for key, value in per_layer))
-        if first is None:
-            first = sig
-        elif sig != first:
-            return f"block {i} of {path} differs from block 0"
-    return path, blocks
+    sigs = [(block_signature(block, shared), tuple((key, repr(value[i])) for key, value in per_layer))
+            for i, block in enumerate(blocks)]
+    kinds: dict[tuple, int] = {}
+    seq = [kinds.setdefault(sig, len(kinds)) for sig in sigs]  # each block's kind, numbered by first sight
+    for period in range(1, n // (REPRESENTATIVES + 1) + 1):
+        if n % period == 0 and all(seq[i] == seq[i % period] for i in range(n)):
+            return path, blocks, period
+    odd = next((i for i in range(n) if seq[i] != seq[0]), 0)
+    return (f"the blocks of {path} do not repeat with a period that divides {n} at least "
+            f"{REPRESENTATIVES + 1} times (block {odd} differs from block 0)")
 
 
 @contextlib.contextmanager
@@ -151,21 +154,21 @@ def replicated_trace(model: nn.Module, inputs) -> DependencyGraph | None:
     if isinstance(found, str):
         log.debug("analysing every block: %s", found)
         return None
-    path, blocks = found
-    n = len(blocks)
+    path, blocks, period = found
+    n = len(blocks) // period  # replicated units: ``period`` consecutive blocks
     try:
-        with only_blocks(model, path, REPRESENTATIVES), _quiet():
+        with only_blocks(model, path, REPRESENTATIVES * period), _quiet():
             reduced = DependencyGraph(model, export(model, inputs), inputs, record=True)
     except Exception as exc:  # noqa: BLE001  the full analysis raises (or succeeds) on its own terms
         log.debug("analysing every block: the representative trace failed (%s)", exc)
         return None
     try:
-        return _Replicator(model, inputs, reduced, path, n).graph()
+        return _Replicator(model, inputs, reduced, path, n, period).graph()
     except Mismatch as exc:
-        log.info("depgraph: analysing all %d blocks of %s: %s", n, path, exc)
+        log.info("depgraph: analysing all %d blocks of %s: %s", len(blocks), path, exc)
     except Exception as exc:  # noqa: BLE001  a replication bug must not cost the user a correct graph
         log.warning("depgraph: block replication failed (%s: %s); analysing all %d blocks instead. Please "
-                    "report the model class.", type(exc).__name__, exc, n)
+                    "report the model class.", type(exc).__name__, exc, len(blocks))
     return None
 
 
@@ -173,10 +176,13 @@ def replicated_trace(model: nn.Module, inputs) -> DependencyGraph | None:
 
 
 class _Replicator:
-    """Turns the analysis of ``REPRESENTATIVES`` blocks into the analysis of ``n``."""
+    """Turns the analysis of ``REPRESENTATIVES`` units into the analysis of ``n``. A unit is ``period``
+    consecutive blocks (one block when they are all alike); below, "block" ``j`` means unit ``j`` and
+    the list index of block ``i`` is renumbered through its unit (:meth:`index`)."""
 
-    def __init__(self, model: nn.Module, inputs, reduced: DependencyGraph, path: str, n: int):
+    def __init__(self, model: nn.Module, inputs, reduced: DependencyGraph, path: str, n: int, period: int = 1):
         self.model, self.inputs, self.path, self.n, self.r = model, inputs, path, n, REPRESENTATIVES
+        self.period = period
         self.reduced = reduced
         self.rec = reduced.record
         self.parts = reduced.parts()
@@ -194,8 +200,13 @@ class _Replicator:
 
     # ---- segments ------------------------------------------------------------------------------
     def block(self, name: str) -> int | None:
+        """The unit whose blocks hold ``name`` (a module path or parameter name), else ``None``."""
         m = self._block_of.match(name)
-        return int(m.group(1)) if m else None
+        return int(m.group(1)) // self.period if m else None
+
+    def index(self, i: int, bm: Callable[[int], int]) -> int:
+        """List index ``i`` renumbered by the unit map ``bm``."""
+        return bm(i // self.period) * self.period + i % self.period
 
     def _segment_nodes(self) -> None:
         nodes = self.rec.nodes
@@ -281,7 +292,7 @@ class _Replicator:
             pieces = self._pieces[s] = self._dotted.split(s)
         out = [pieces[0]]
         for i in range(1, len(pieces), 2):
-            out.append(f"{self.path}.{bm(int(pieces[i]))}")
+            out.append(f"{self.path}.{self.index(int(pieces[i]), bm)}")
             out.append(pieces[i + 1])
         return "".join(out)
 
@@ -298,7 +309,8 @@ class _Replicator:
         if placeholder:
             if seg < 0:
                 return name
-            return self._placeholder.sub(lambda m: f"{m.group(1)}{self.path.replace('.', '_')}_{bm(seg)}_", name)
+            return self._placeholder.sub(
+                lambda m: f"{m.group(1)}{self.path.replace('.', '_')}_{self.index(int(m.group(2)), bm)}_", name)
         if seg >= 0:
             delta = bm(seg) - seg
         elif seg == POST and not within:

@@ -75,7 +75,19 @@ FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "gemma", "qwen3", "phi3
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_replicated_graph_is_the_full_graph(family):
-    model = _model(family)
+    assert_replicates_exactly(_model(family))
+
+
+@pytest.mark.parametrize("family, layers, period", [("gemma2", 8, 2), ("qwen3_5", 16, 4)])
+def test_periodic_blocks_replicate_by_period(family, layers, period):
+    """Alternating sliding / full attention (Gemma-2) and a hybrid with one attention layer per 3 linear
+    (gated delta-net) ones repeat with a period: units of ``period`` blocks are replicated."""
+    model = _model(family, layers=layers)
+    assert replicate.uniform_blocks(model)[2] == period
+    assert_replicates_exactly(model)
+
+
+def assert_replicates_exactly(model) -> None:
     full = depgraph.trace(model, replicate=False)
     rep = replicated(model)
     assert rep is not None, replicate.uniform_blocks(model)
@@ -138,8 +150,8 @@ def test_odd_layer_falls_back():
 
 @pytest.mark.parametrize("family", ["gemma2", "qwen3_5"])
 def test_alternating_layers_fall_back_and_match(family):
-    model = _model(family)
-    assert isinstance(replicate.uniform_blocks(model), str)  # per-layer types differ
+    model = _model(family)  # 5 blocks: the layer-type pattern does not repeat 4 times
+    assert isinstance(replicate.uniform_blocks(model), str)
     assert canonical(depgraph.trace(model)) == canonical(depgraph.trace(model, replicate=False))
 
 
