@@ -607,9 +607,10 @@ def trace(model: nn.Module, example_inputs=None, replicate: bool = True, **optio
     weights and on models built on the ``meta`` device.
 
     ``replicate``: when the model's blocks are identical (module classes, attributes, parameter names,
-    shapes and dtypes, per-layer config entries), trace a copy-free view holding only 3 of them and
-    replicate the verified per-block analysis over all blocks (:mod:`depgraph.replicate`); any difference
-    or failed check falls back to analysing the whole model. ``replicate=False`` always analyses it whole.
+    shapes and dtypes, per-layer config entries) or repeat with a period, trace a copy-free view holding
+    only 3 of them (3 periods) and replicate the verified per-block analysis over all blocks
+    (:mod:`depgraph.replicate`); any other difference or a failed check falls back to analysing the whole
+    model. ``replicate=False`` always analyses it whole.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"depgraph.trace expects a torch.nn.Module, got {type(model).__name__}")

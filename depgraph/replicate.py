@@ -3,24 +3,27 @@
 A deep transformer repeats one block: analysing 80 copies of it costs 80 times one, plus a
 ``torch.export`` of all 80. :func:`replicated_trace` instead
 
-1. finds the block list (:func:`depgraph.depth.find_blocks`) and checks cheaply that every block is
-   the same: module classes, plain attributes (``sliding_window``, ``attention_type``, ...; the layer
-   index attributes excepted), hooks, parameter and buffer names, shapes and dtypes, the block's
-   entry of every per-layer config list (``layer_types``) and of ``mlp_only_layers``;
-2. traces the model with its list temporarily holding only its first 3 blocks (the same module
-   objects, so their names are the real ones; the original list is put back in a ``finally``);
-3. checks that block 1's analysis is block 0's with the layer index renamed and block 2's is
-   block 1's (groups, members, unit layout, parameter-channel components, frozen dims, ops, node
-   names, couplings), and that nothing runs between blocks outside them;
-4. builds the full graph: block 0 as traced, blocks 1..n-2 from block 1, block n-1 from block 2,
-   everything outside the blocks (embeddings, the final norm, the head) once; groups spanning blocks
-   (the residual stream) get every block's members. Group order, names, member order and FX node
+1. finds the block list (:func:`depgraph.depth.find_blocks`) and checks cheaply that the blocks repeat:
+   module classes, plain attributes (``sliding_window``, ``attention_type``, ...; the layer index
+   attributes excepted), hooks, parameter and buffer names, shapes and dtypes, the block's entry of
+   every per-layer config list (``layer_types``) and of ``mlp_only_layers`` agree for all blocks, or
+   with a period (alternating layer types) that divides their number at least 4 times: a *unit* is
+   one period of blocks;
+2. traces the model with its list temporarily holding only its first 3 units (the same module
+   objects at the same indices, so their names are the real ones; the original list is put back in
+   a ``finally``);
+3. checks that unit 1's analysis is unit 0's with the layer indices renamed and unit 2's is unit 1's
+   (groups, members, unit layout, parameter-channel components, frozen dims, ops, node names,
+   couplings), and that nothing runs between blocks outside them;
+4. builds the full graph: unit 0 as traced, units 1..n-2 from unit 1, unit n-1 from unit 2,
+   everything outside the blocks (embeddings, the final norm, the head) once; groups spanning units
+   (the residual stream) get every unit's members. Group order, names, member order and FX node
    names follow the rules a full analysis uses, so the result is the one a full trace gives.
 
-Anything that does not fit (blocks differ, fewer than 4 blocks, an op without a rule touching
-parameters, a check in 3 failing) returns ``None`` and :func:`depgraph.trace` analyses the whole
-model. The limit: code that takes a layer-index-dependent path with no visible difference in the
-modules or the config is caught only if blocks 0-2 already differ (see docs/concepts.md).
+Anything that does not fit (blocks differ, too few of them, an op without a rule touching parameters,
+a check in 3 failing) returns ``None`` and :func:`depgraph.trace` analyses the whole model. The limit:
+code that takes a layer-index-dependent path with no visible difference in the modules or the config
+is caught only if units 0-2 already differ (see docs/concepts.md).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from .trace import export
 
 log = logging.getLogger("depgraph")
 
-REPRESENTATIVES = 3  # first block, a steady-state block, last block
+REPRESENTATIVES = 3  # units traced: the first, a steady-state one, the last
 PRE, POST = -1, -2  # segments outside the blocks: before / after them
 _SUFFIX = re.compile(r"(.*)_(\d+)$")  # torch.fx's de-duplicating suffix: ``linear_12``
 _NO_USE = 1 << 30  # Member.order of a parameter dim no rule used
@@ -149,7 +152,7 @@ def _quiet() -> Iterator[None]:
 
 
 def replicated_trace(model: nn.Module, inputs) -> DependencyGraph | None:
-    """The model's graph from 3 representative blocks, or ``None`` (then trace it whole)."""
+    """The model's graph from 3 representative units of blocks, or ``None`` (then trace it whole)."""
     found = uniform_blocks(model)
     if isinstance(found, str):
         log.debug("analysing every block: %s", found)
