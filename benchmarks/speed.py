@@ -19,7 +19,9 @@ Sections (full run):
   layers on CPU: see the row) and the 7B shape with the same few layers on CPU for all three tools
   (the like-for-like ratio); min and median of ``--runs`` runs, peak RSS, ratios of medians;
 * scaling: depgraph (and export) on 2..32 layers of the 7B shape on ``meta``;
-* Llama-3-70B shape on ``meta``: trace + groups + a random-criterion 20% plan (computed, not cut);
+* Llama-3-70B shape on ``meta``: trace + groups + a random-criterion 20% plan (computed, not cut), and
+  depgraph trace+groups (replicated blocks, the default; and ``replicate=False``) vs a bare ``torch.export``
+  of all 80 layers, each in a fresh child, with the ratio (issue 18's goal: < 0.5x export);
 * a full 20% prune (L2-magnitude scores, all A/B/C groups, forward check) of the 1.1B shape with real
   random weights, by depgraph and by Torch-Pruning (MetaPruner, heads via num_heads) in the same run.
 

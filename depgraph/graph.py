@@ -283,6 +283,7 @@ class DependencyGraph:
         self.expert_params = parts.expert_params
         self._set_param_counts()
         self.warnings = list(parts.op_warnings)
+        self._op_warnings = len(self.warnings)
         self.unknown_ops = parts.unknown_ops
         self.frozen = parts.frozen
         self._warn_kept_whole()
