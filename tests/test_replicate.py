@@ -78,11 +78,12 @@ def test_replicated_graph_is_the_full_graph(family):
     assert_replicates_exactly(_model(family))
 
 
-@pytest.mark.parametrize("family, layers, period", [("gemma2", 8, 2), ("qwen3_5", 16, 4)])
-def test_periodic_blocks_replicate_by_period(family, layers, period):
-    """Alternating sliding / full attention (Gemma-2) and a hybrid with one attention layer per 3 linear
+@pytest.mark.parametrize("family, layers, period, overrides", [
+    ("gemma2", 8, 2, {}), ("qwen3_5", 12, 3, {"full_attention_interval": 3})])
+def test_periodic_blocks_replicate_by_period(family, layers, period, overrides):
+    """Alternating sliding / full attention (Gemma-2) and a hybrid with one attention layer per 2 linear
     (gated delta-net) ones repeat with a period: units of ``period`` blocks are replicated."""
-    model = _model(family, layers=layers)
+    model = _model(family, layers=layers, **overrides)
     assert replicate.uniform_blocks(model)[2] == period
     assert_replicates_exactly(model)
 
