@@ -19,7 +19,9 @@ Sections (full run):
   layers on CPU: see the row) and the 7B shape with the same few layers on CPU for all three tools
   (the like-for-like ratio); min and median of ``--runs`` runs, peak RSS, ratios of medians;
 * scaling: depgraph (and export) on 2..32 layers of the 7B shape on ``meta``;
-* Llama-3-70B shape on ``meta``: trace + groups + a random-criterion 20% plan (computed, not cut);
+* Llama-3-70B shape on ``meta``: trace + groups + a random-criterion 20% plan (computed, not cut), and
+  depgraph trace+groups (replicated blocks, the default; and ``replicate=False``) vs a bare ``torch.export``
+  of all 80 layers, each in a fresh child, with the ratio (issue 18's goal: < 0.5x export);
 * a full 20% prune (L2-magnitude scores, all A/B/C groups, forward check) of the 1.1B shape with real
   random weights, by depgraph and by Torch-Pruning (MetaPruner, heads via num_heads) in the same run.
 
@@ -133,11 +135,11 @@ def _run_tool(tool: str, model, ids) -> dict[str, Any]:
     """Run one tool on ``model``; returns the timed seconds and what it found."""
     import torch
 
-    if tool == "depgraph":
+    if tool in ("depgraph", "depgraph_full"):
         import depgraph
 
         start = time.perf_counter()
-        graph = depgraph.trace(model, ids)
+        graph = depgraph.trace(model, ids, replicate=tool == "depgraph")  # full: every block analysed
         counts = {kind: len(graph.groups(kind)) for kind in "ABC"}
         elapsed = time.perf_counter() - start
         return {"time_s": elapsed, "groups": counts, "warnings": len(graph.warnings)}
@@ -492,6 +494,12 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
         spec = {"task": "plan", "shape": "70b", "layers": None, "device": "meta", "ratio": 0.2, "seed": 0}
         cell = measure(spec, runs, args.timeout, args.isolation, log)
         results["plan70b"] = cell.to_json()
+        log("[70b] analysis: depgraph trace+groups (replicated blocks, and full) vs bare torch.export, 80 layers")
+        entry = {}
+        for tool in ("depgraph", "depgraph_full", "export"):
+            spec = {"task": "tool", "tool": tool, "shape": "70b", "layers": None, "device": "meta"}
+            entry[tool] = measure(spec, runs, args.timeout, args.isolation, log).to_json()
+        results["analysis70b"] = entry
     if "prune" in sections:
         layers = args.prune_layers
         log(f"[prune] 1.1b {layers} layers, L2 20%, CPU weights")
@@ -581,6 +589,18 @@ def render(results: dict[str, Any]) -> str:
             ]
         else:
             out.append(f"{plan['status']}: {plan['error']}")
+    analysis = results.get("analysis70b")
+    if analysis:
+        cells = {tool: _cell_from_json(data) for tool, data in analysis.items()}
+        dg, full, ex = cells["depgraph"], cells["depgraph_full"], cells["export"]
+        ratio = dg.median / ex.median if dg.median and ex.median else None
+        verdict = "-" if ratio is None else ("met" if ratio < 0.5 else "missed")
+        out += ["", "Analysis vs bare export, 80 layers on meta, fresh child each (goal: depgraph < 0.5x export):", "",
+                "| depgraph trace+groups s (replicated blocks) | depgraph full analysis s | torch.export s "
+                "| depgraph / export | full / export | peak RSS MiB depgraph | peak RSS MiB export | goal |",
+                "|---:|---:|---:|---:|---:|---:|---:|---|",
+                f"| {dg.time_text()} | {full.time_text()} | {ex.time_text()} | {_ratio(dg, ex)} | {_ratio(full, ex)} "
+                f"| {dg.rss_text()} | {ex.rss_text()} | {verdict} |"]
     prune = results.get("prune1b")
     if prune:
         out += ["", f"### Full 20% prune of the TinyLlama-1.1B shape ({prune['layers']} layers, CPU random weights,"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
@@ -51,6 +52,9 @@ class DependencyBuilder:
         self.node_info: dict[str, tuple[str, str]] = {}
         self.input_ids: list[np.ndarray] = []  # channel ids of the user inputs (features a layer may read)
         self.mix_sites: list[tuple[np.ndarray, str]] = []  # (reduced ids, module that reduced them)
+        # per node, before it is analysed: (len(ctx.axis_edges), len(ctx.unknown)); says which node recorded
+        # each edge and unknown op (block replication, depgraph/replicate.py, re-times them per block)
+        self.marks: list[tuple[int, int]] = []
 
     def run(self) -> RuleContext:
         sig = self.exported.graph_signature
@@ -62,6 +66,7 @@ class DependencyBuilder:
             if isinstance(value, torch.Tensor) and value.numel() <= 4096 and not value.is_floating_point():
                 ctx.constants[node_name] = value  # rules may read fixed indices (see rules/indexing.py constant_values)
         for node in self.exported.graph.nodes:
+            self.marks.append((len(ctx.axis_edges), len(ctx.unknown)))
             ctx.current = node
             ctx.order += 1
             if node.op == "placeholder":
@@ -172,6 +177,64 @@ def canonical_names(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def add_axis_edges(graph: nx.DiGraph, edges) -> None:
+    """Add the couplings ``(src, dst, op)`` to ``graph``, with a bare node for an end it lacks."""
+    for src, dst, why in edges:
+        for key in (src, dst):
+            if key not in graph:
+                graph.add_node(key, kind="activation", tensor=key.rsplit(":", 1)[0], dim=-1, size=0,
+                               module="", op="", group="", group_kind="")
+        graph.add_edge(src, dst, op=why, group_kind=graph.nodes[dst]["group_kind"] or
+                       graph.nodes[src]["group_kind"])
+
+
+@dataclass
+class GraphParts:
+    """Everything a :class:`DependencyGraph` holds besides its model and example inputs."""
+
+    groups: list[G.Group]
+    labels: np.ndarray  # component of every channel id
+    comp_group: np.ndarray  # group index of every component (-1: none)
+    comp_unit: np.ndarray  # unit id of every component within its group
+    param_ids: dict[tuple[str, int], np.ndarray]  # channel ids of every parameter dim
+    param_shapes: dict[str, tuple[int, ...]]
+    buffers: set[str]
+    expert_params: set[str]
+    op_warnings: list[str]  # ops without a rule that touched parameters
+    unknown_ops: list[tuple[str, str]]
+    frozen: dict[tuple[str, int], str]
+    nx: nx.DiGraph
+    n_nodes: int
+    ops: Counter
+
+
+@dataclass
+class AnalysisRecord:
+    """Where things happened in one analysis, node by node (kept only when asked: ``record=True``).
+
+    ``nodes``: ``(name, op, target, module path, tensor name)`` per FX node (module path for call nodes,
+    parameter/buffer name for lifted placeholders); ``marks[i]``: ``(len(axis_edges), len(unknown))``
+    before node ``i``; ``axis_edges`` as recorded; ``nx_axis_nodes``: how many of ``nx``'s first nodes
+    come from the tensors' axes (the rest are bare ends of edges)."""
+
+    nodes: list[tuple[str, str, str, str, str]]
+    marks: list[tuple[int, int]]
+    axis_edges: list[tuple[str, str, str]]
+    nx_axis_nodes: int
+    constant_users: dict[str, list[str]]  # lifted constant placeholder -> module paths of its users
+
+    @classmethod
+    def of(cls, exported, builder: DependencyBuilder, ctx: RuleContext, graph: DependencyGraph) -> AnalysisRecord:
+        sig = exported.graph_signature
+        lifted = {**dict(sig.inputs_to_parameters), **dict(sig.inputs_to_buffers),
+                  **dict(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})}
+        nodes = [(n.name, n.op, str(n.target), module_path(n) if n.op == "call_function" else "",
+                  lifted.get(n.name, "")) for n in exported.graph.nodes]
+        constants = dict(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+        users = {n.name: [module_path(u) for u in n.users] for n in exported.graph.nodes if n.name in constants}
+        return cls(nodes, list(builder.marks), list(ctx.axis_edges), graph._nx_axis_nodes, users)
+
+
 def _flatten(args) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(args, found.append)
@@ -186,7 +249,8 @@ class DependencyGraph:
     that were coupled conservatively, ``frozen`` names parameter dims that are never cut.
     """
 
-    def __init__(self, model: nn.Module, exported: torch.export.ExportedProgram, example_inputs=None):
+    def __init__(self, model: nn.Module, exported: torch.export.ExportedProgram, example_inputs=None,
+                 record: bool = False):
         self.model = model
         self.example_inputs = example_inputs if example_inputs is not None else ((), {})
         builder = DependencyBuilder(exported, canonical_names(model))
@@ -195,6 +259,45 @@ class DependencyGraph:
         self._build_groups(ctx, builder)
         self._build_nx(ctx, exported)
         self.ops = Counter(str(n.target) for n in exported.graph.nodes if n.op == "call_function")
+        # what block replication needs to re-time a representative trace (dropped otherwise)
+        self.record = AnalysisRecord.of(exported, builder, ctx, self) if record else None
+
+    @classmethod
+    def assemble(cls, model: nn.Module, example_inputs, parts: GraphParts) -> DependencyGraph:
+        """A graph from finished parts (see :mod:`depgraph.replicate`): the groups, names and arrays a full
+        analysis would produce. Parameter counts and kept-whole warnings are derived here, as in a trace."""
+        self = cls.__new__(cls)
+        self.model = model
+        self.example_inputs = example_inputs
+        self.n_nodes = parts.n_nodes
+        self.ops = parts.ops
+        self._groups = parts.groups
+        for g in self._groups:
+            g.graph_id = id(self)
+        self._labels = parts.labels
+        self._comp_group = parts.comp_group
+        self._comp_unit = parts.comp_unit
+        self._param_ids = parts.param_ids
+        self.param_shapes = parts.param_shapes
+        self.buffers = parts.buffers
+        self.expert_params = parts.expert_params
+        self._set_param_counts()
+        self.warnings = list(parts.op_warnings)
+        self._op_warnings = len(self.warnings)
+        self.unknown_ops = parts.unknown_ops
+        self.frozen = parts.frozen
+        self._warn_kept_whole()
+        self.nx = parts.nx
+        self.record = None
+        return self
+
+    def parts(self) -> GraphParts:
+        """This graph's parts (shared, not copied), the input of :meth:`assemble`."""
+        return GraphParts(
+            groups=self._groups, labels=self._labels, comp_group=self._comp_group, comp_unit=self._comp_unit,
+            param_ids=self._param_ids, param_shapes=self.param_shapes, buffers=self.buffers,
+            expert_params=self.expert_params, op_warnings=self.warnings[:self._op_warnings],
+            unknown_ops=self.unknown_ops, frozen=self.frozen, nx=self.nx, n_nodes=self.n_nodes, ops=self.ops)
 
     # ---- analysis --------------------------------------------------------------------------
     def _build_groups(self, ctx: RuleContext, builder: DependencyBuilder) -> None:
@@ -399,6 +502,7 @@ class DependencyGraph:
                 if msg not in self.warnings:  # one warning per op and module
                     self.warnings.append(msg)
                     log.warning(msg)
+        self._op_warnings = len(self.warnings)
         reason_of = np.full(frozen_comp.shape[0], -1, dtype=np.int64)
         reasons = []
         for ids, reason in reversed(frozen):
@@ -434,13 +538,8 @@ class DependencyGraph:
                         op=str(node.target) if node is not None and node.op == "call_function" else "",
                         group=names.get(group, ""), group_kind=kinds.get(group, ""),
                     )
-        for src, dst, why in ctx.axis_edges:
-            for key in (src, dst):
-                if key not in graph:
-                    graph.add_node(key, kind="activation", tensor=key.rsplit(":", 1)[0], dim=-1, size=0,
-                                   module="", op="", group="", group_kind="")
-            graph.add_edge(src, dst, op=why, group_kind=graph.nodes[dst]["group_kind"] or
-                           graph.nodes[src]["group_kind"])
+        self._nx_axis_nodes = graph.number_of_nodes()
+        add_axis_edges(graph, ctx.axis_edges)
         self.nx = graph
 
     def _majority_group(self, ids: np.ndarray) -> int:
@@ -501,18 +600,30 @@ class DependencyGraph:
                 f"(A={counts['A']}, B={counts['B']}, C={counts['C']}), {len(self.warnings)} warnings)")
 
 
-def trace(model: nn.Module, example_inputs=None, **options) -> DependencyGraph:
+def trace(model: nn.Module, example_inputs=None, replicate: bool = True, **options) -> DependencyGraph:
     """Trace ``model`` and build its channel dependency graph with typed A/B/C groups.
 
     ``example_inputs``: a tensor, a tuple of positional inputs, a dict of keyword inputs or
     ``(args, kwargs)``; built from ``model.config`` (token ids) when omitted. Works on CPU
     weights and on models built on the ``meta`` device.
+
+    ``replicate``: when the model's blocks are identical (module classes, attributes, parameter names,
+    shapes and dtypes, per-layer config entries) or repeat with a period, trace a copy-free view holding
+    only 3 of them (3 periods) and replicate the verified per-block analysis over all blocks
+    (:mod:`depgraph.replicate`); any other difference or a failed check falls back to analysing the whole
+    model. ``replicate=False`` always analyses it whole.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"depgraph.trace expects a torch.nn.Module, got {type(model).__name__}")
     inputs = normalise_inputs(model, example_inputs)
-    exported = export(model, inputs)
-    graph = DependencyGraph(model, exported, inputs)
+    graph = None
+    if replicate:
+        from .replicate import replicated_trace  # the module builds on this one
+
+        graph = replicated_trace(model, inputs)
+    if graph is None:
+        exported = export(model, inputs)
+        graph = DependencyGraph(model, exported, inputs)
     if not graph.groups() and options.get("require_groups", False):
         raise UnsupportedModelError(f"no prunable structure found in {type(model).__name__}")
     return graph
