@@ -55,7 +55,8 @@ from .groups import Group
 from .models import ResolvedSpec, load_model
 from .pruner import Pruner
 
-__all__ = ["DEFAULT_SHARD_SIZE", "TOKENIZER_FILES", "SourceCheckpoint", "prune_checkpoint", "write_safetensors"]
+__all__ = ["DEFAULT_SHARD_SIZE", "TOKENIZER_FILES", "SourceCheckpoint", "check_criterion", "prune_checkpoint",
+           "write_safetensors"]
 
 DEFAULT_SHARD_SIZE = "5GB"
 # files copied from the source directory unchanged (tokenizer, generation settings)
@@ -178,8 +179,8 @@ def write_safetensors(path: str | Path, entries: list[tuple[str, tuple[int, ...]
 class _Residency:
     """Puts checkpoint tensors into the meta model and takes them out again, by tensor name.
 
-    Tensors are set with accelerate's ``set_module_tensor_to_device`` under every name they have (a tied
-    embedding and head share the values); ``params`` (shared with the scoring context) always maps each
+    A tensor is set with accelerate's ``set_module_tensor_to_device``, and the same object under its other
+    names (a tied embedding and head stay one parameter); ``params`` (shared with the scoring context) always maps each
     parameter name to the model's current parameter object.
     """
 
@@ -194,8 +195,12 @@ class _Residency:
     def _set(self, name: str, device: str, value: torch.Tensor | None) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        for alias in self.names.get(name, [name]):
-            set_module_tensor_to_device(self.model, alias, device, value=value)
+        first, *others = self.names.get(name, [name])
+        set_module_tensor_to_device(self.model, first, device, value=value)
+        tensor = self.model.get_parameter(first) if name in self.params else self.model.get_buffer(first)
+        for alias in others:  # the same object under every name: tied weights stay tied
+            owner, _, leaf = alias.rpartition(".")
+            setattr(self.model.get_submodule(owner), leaf, tensor)
         if name in self.params:
             self.params[name] = self.model.get_parameter(name)
 
@@ -353,7 +358,8 @@ def _stream_scores(graph, groups: list[Group], criterion: str, aggregate: str, b
 # ---- the public entry point ------------------------------------------------------------------------
 
 
-def _refuse_criterion(criterion) -> None:
+def check_criterion(criterion) -> None:
+    """Refuse (:class:`~depgraph.errors.StreamError`) a criterion streaming cannot compute one layer at a time."""
     if not isinstance(criterion, str):
         raise StreamError(f"prune_checkpoint needs a criterion name, got {type(criterion).__name__}: callables and "
                           "fixed scores read the model, which streaming never holds whole; use depgraph.Pruner")
@@ -392,7 +398,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, *, ratio: float | Mapping
     not name) or :class:`~depgraph.errors.PlanError` (bad arguments) before anything is written; the output
     is written atomically, so on any failure (Ctrl-C included) ``out`` is left as it was.
     """
-    _refuse_criterion(criterion)
+    check_criterion(criterion)
     source = SourceCheckpoint(src)
     out = Path(out)
     if out.resolve() == source.path.resolve():

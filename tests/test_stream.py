@@ -1,0 +1,194 @@
+"""Streaming pruning of a checkpoint directory (depgraph.prune_checkpoint) equals in-memory pruning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import depgraph
+from depgraph import stream
+from depgraph.cli import main as cli_main
+from depgraph.errors import StreamError
+from tests.models import example_ids, tiny_model
+
+# (family, criterion, structure, max shard bytes or None for one file, hf_loadable)
+CASES = [
+    ("llama", "l2", "all", 40_000, False),
+    ("llama", "wanda", "block", None, True),
+    ("qwen2", "wanda", "all", 30_000, False),
+    ("qwen2", "activation", "block", None, False),
+    ("gpt2", "l2", "block", 50_000, False),
+    ("gpt2", "wanda", "all", None, False),
+]
+
+
+def _source(tmp_path: Path, family: str, shard: int | None = None) -> Path:
+    src = tmp_path / f"src-{family}"
+    model = tiny_model(family)
+    model.save_pretrained(src, **({"max_shard_size": shard} if shard else {}))
+    (src / "tokenizer_config.json").write_text("{}\n")  # stands in for the tokenizer files
+    return src
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())} if path.exists() else {}
+
+
+@pytest.mark.parametrize("family,criterion,structure,shard,hf_loadable", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_stream_equals_in_memory(tmp_path, family, criterion, structure, shard, hf_loadable):
+    src = _source(tmp_path, family, shard)
+    if shard:
+        assert (src / "model.safetensors.index.json").is_file()  # the source really is sharded
+    calib = example_ids(tiny_model(family), batch=3, seq=12, seed=1) if criterion != "l2" else None
+    kwargs = dict(criterion=criterion, ratio=0.25, structure=structure, calib=calib, hf_loadable=hf_loadable,
+                  progress=False)
+    report = depgraph.prune_checkpoint(src, tmp_path / "streamed", max_shard_size=shard or "5GB", **kwargs)
+
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    reference = depgraph.Pruner(model, **kwargs).prune()
+    depgraph.save_pretrained(model, tmp_path / "in-memory")
+
+    assert report.params_after == reference.params_after < report.params_before
+    assert {g.name: list(u) for g, u in report.plan.items()} == {
+        g.name: list(u) for g, u in reference.steps[0].plan.items()}
+    streamed = depgraph.load_pretrained(tmp_path / "streamed")
+    ids = example_ids(model, batch=2, seq=10, seed=7)
+    with torch.no_grad():
+        delta = (streamed(ids).logits - model(ids).logits).abs().max().item()
+    assert delta <= 1e-5
+    for name in ("config.json", "generation_config.json"):  # the same files save_pretrained writes
+        if (tmp_path / "in-memory" / name).is_file():  # (per-layer saves write no generation config)
+            assert json.loads((tmp_path / "streamed" / name).read_text()) == json.loads(
+                (tmp_path / "in-memory" / name).read_text())
+    state = json.loads((tmp_path / "streamed" / "depgraph.json").read_text())
+    assert state == json.loads((tmp_path / "in-memory" / "depgraph.json").read_text())
+    assert (tmp_path / "streamed" / "tokenizer_config.json").is_file()
+    if shard:
+        index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    if hf_loadable:  # a uniform cut is a plain Hugging Face checkpoint
+        assert state["hf_compatible"]
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+        with torch.no_grad():
+            assert (plain(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_one_layer_resident_at_a_time(tmp_path, monkeypatch):
+    """Scoring never holds two decoder layers' tensors at once (memory independent of depth)."""
+    src = _source(tmp_path, "llama")
+    seen: list[set[int]] = []
+    load = stream._Residency.load
+
+    def spy(self, names):
+        load(self, names)
+        seen.append({depgraph.calibration.layer_index(n) for n in self.resident} - {None})
+
+    monkeypatch.setattr(stream._Residency, "load", spy)
+    calib = example_ids(tiny_model("llama"), batch=2, seq=8)
+    depgraph.prune_checkpoint(src, tmp_path / "out", criterion="wanda", calib=calib, structure="all", progress=False)
+    assert seen and all(len(layers) <= 1 for layers in seen)
+    assert set().union(*seen) == {0, 1}
+
+
+def test_taylor_refused_before_writing(tmp_path):
+    src = _source(tmp_path, "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    calib = example_ids(tiny_model("llama"))
+    for name in ("taylor_first", "taylor_second"):
+        with pytest.raises(StreamError, match="backward.*depgraph.Pruner"):
+            depgraph.prune_checkpoint(src, out, criterion=name, calib=calib, progress=False)
+    assert _files(out) == {"keep.txt": b"mine"}
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, exc):
+    src = _source(tmp_path, "llama", shard=40_000)
+    out = tmp_path / "out"
+    calls = []
+    write = stream._write_shard
+
+    def failing(path, entries, produce):
+        calls.append(path)
+        write(path, entries, produce)
+        if len(calls) == 2:  # one shard complete, the next one written: then the failure
+            raise exc
+
+    monkeypatch.setattr(stream, "_write_shard", failing)
+    with pytest.raises(type(exc)):
+        depgraph.prune_checkpoint(src, out, criterion="l2", progress=False, max_shard_size=40_000)
+    assert len(calls) == 2 and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".depgraph-")]  # no temporary left
+    # an existing checkpoint at out survives a failed run unchanged
+    depgraph.prune_checkpoint(src, out, criterion="l2", progress=False)
+    before = _files(out)
+    calls.clear()
+    with pytest.raises(type(exc)):
+        depgraph.prune_checkpoint(src, out, criterion="l2", ratio=0.5, progress=False, max_shard_size=40_000)
+    assert _files(out) == before
+
+
+def test_bad_sources(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(StreamError, match="not a directory"):
+        depgraph.prune_checkpoint(tmp_path / "nowhere", out, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(StreamError, match="no config.json"):
+        depgraph.prune_checkpoint(empty, out, progress=False)
+    src = _source(tmp_path, "llama")
+    with pytest.raises(StreamError, match="source directory"):
+        depgraph.prune_checkpoint(src, src, progress=False)
+    (src / "model.safetensors").unlink()
+    with pytest.raises(StreamError, match="no safetensors weights"):
+        depgraph.prune_checkpoint(src, out, progress=False)
+    assert not out.exists()
+
+
+def test_foreign_weights_refused(tmp_path):
+    """A checkpoint key the model does not have (renamed or fused weights) is refused, nothing written."""
+    src = _source(tmp_path, "llama")
+    values = {}
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            values[key.replace("mlp.up_proj", "mlp.up")] = f.get_tensor(key)
+    from safetensors.torch import save_file
+
+    save_file(values, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(StreamError, match="mlp.up.weight"):
+        depgraph.prune_checkpoint(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_safetensors_round_trip(tmp_path):
+    values = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7), "c": torch.ones(2, dtype=torch.bool)}
+    path = tmp_path / "x.safetensors"
+    stream.write_safetensors(path, [(k, tuple(v.shape), v.dtype) for k, v in values.items()], values.__getitem__)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for k, v in values.items():
+            assert torch.equal(f.get_tensor(k), v)
+    with pytest.raises(StreamError, match="planned"):
+        stream.write_safetensors(path, [("a", (9,), torch.float32)], lambda k: torch.zeros(3))
+
+
+def test_cli_stream(tmp_path, capsys):
+    src = _source(tmp_path, "llama", shard=40_000)
+    out = tmp_path / "pruned"
+    rc = cli_main(["-q", "prune", str(src), "--out", str(out), "--stream", "--criterion", "l2", "--ratio", "0.25"])
+    assert rc == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["stream"] is True and plan["params_after"] < plan["params_before"]
+    model = depgraph.load_pretrained(out)
+    assert depgraph.count_parameters(model) == plan["params_after"]
+    rc = cli_main(["prune", str(src), "--out", str(tmp_path / "t"), "--stream", "--criterion", "taylor_first"])
+    assert rc == 1 and "depgraph.Pruner" in capsys.readouterr().err
+    rc = cli_main(["prune", str(src), "--out", str(tmp_path / "t"), "--stream", "--depth", "1"])
+    assert rc == 2 and not (tmp_path / "t").exists()
