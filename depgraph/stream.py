@@ -88,7 +88,11 @@ class SourceCheckpoint:
         if not (self.path / "config.json").is_file():
             raise StreamError(f"{self.path} has no config.json: it is not a Hugging Face checkpoint directory")
         state = self.path / checkpoint.STATE_FILE
-        if state.is_file() and not json.loads(state.read_text()).get("hf_compatible", True):
+        try:
+            per_layer = state.is_file() and not json.loads(state.read_text()).get("hf_compatible", True)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise StreamError(f"{state} cannot be read ({exc}); the checkpoint is damaged") from exc
+        if per_layer:
             raise StreamError(f"{self.path} is a depgraph checkpoint with per-layer sizes (depgraph.json), which "
                               "the config alone cannot describe; prune it in memory (depgraph.load_pretrained + "
                               "depgraph.Pruner)")
@@ -461,12 +465,13 @@ def prune_checkpoint(src: str | Path, out: str | Path, *, ratio: float | Mapping
 
     model.config.dtype = source.float_dtype()  # what from_pretrained + save_pretrained would state
     state = checkpoint.save_layout(model)
-    bar = tqdm(total=len(planned), desc="writing", disable=not progress, leave=False)
-    with checkpoint.atomic_directory(out) as tmp:
+    with tqdm(total=len(planned), desc="writing", disable=not progress, leave=False) as bar, \
+            checkpoint.atomic_directory(out) as tmp:
+        def counted(key: str) -> torch.Tensor:
+            bar.update(1)
+            return produce(key)
+
         for filename, keys in split.filename_to_tensors.items():
-            def counted(key: str) -> torch.Tensor:
-                bar.update(1)
-                return produce(key)
             _write_shard(tmp / filename, [(k, *planned[k]) for k in keys], counted)
         if split.is_sharded:
             index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
@@ -475,7 +480,6 @@ def prune_checkpoint(src: str | Path, out: str | Path, *, ratio: float | Mapping
         for entry in source.path.iterdir():
             if entry.is_file() and TOKENIZER_FILES.fullmatch(entry.name):
                 shutil.copy2(entry, tmp / entry.name)
-    bar.close()
     return report
 
 
