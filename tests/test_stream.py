@@ -16,20 +16,21 @@ from depgraph.cli import main as cli_main
 from depgraph.errors import StreamError
 from tests.models import example_ids, tiny_model
 
-# (family, criterion, structure, max shard bytes or None for one file, hf_loadable)
+# (family, criterion, structure, max shard bytes or None for one file, hf_loadable, dtype)
 CASES = [
-    ("llama", "l2", "all", 40_000, False),
-    ("llama", "wanda", "block", None, True),
-    ("qwen2", "wanda", "all", 30_000, False),
-    ("qwen2", "activation", "block", None, False),
-    ("gpt2", "l2", "block", 50_000, False),
-    ("gpt2", "wanda", "all", None, False),
+    ("llama", "l2", "all", 40_000, False, torch.float32),
+    ("llama", "wanda", "block", None, True, torch.float32),
+    ("llama", "wanda", "all", 20_000, False, torch.bfloat16),  # bf16 in, bf16 out: same rounding as in memory
+    ("qwen2", "wanda", "all", 30_000, False, torch.float32),
+    ("qwen2", "activation", "block", None, False, torch.float32),
+    ("gpt2", "l2", "block", 50_000, False, torch.float32),
+    ("gpt2", "wanda", "all", None, False, torch.float32),
 ]
 
 
-def _source(tmp_path: Path, family: str, shard: int | None = None) -> Path:
+def _source(tmp_path: Path, family: str, shard: int | None = None, dtype: torch.dtype = torch.float32) -> Path:
     src = tmp_path / f"src-{family}"
-    model = tiny_model(family)
+    model = tiny_model(family).to(dtype)
     model.save_pretrained(src, **({"max_shard_size": shard} if shard else {}))
     (src / "tokenizer_config.json").write_text("{}\n")  # stands in for the tokenizer files
     return src
@@ -39,10 +40,10 @@ def _files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())} if path.exists() else {}
 
 
-@pytest.mark.parametrize("family,criterion,structure,shard,hf_loadable", CASES,
-                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
-def test_stream_equals_in_memory(tmp_path, family, criterion, structure, shard, hf_loadable):
-    src = _source(tmp_path, family, shard)
+@pytest.mark.parametrize("family,criterion,structure,shard,hf_loadable,dtype", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{str(c[5])[6:]}" for c in CASES])
+def test_stream_equals_in_memory(tmp_path, family, criterion, structure, shard, hf_loadable, dtype):
+    src = _source(tmp_path, family, shard, dtype)
     if shard:
         assert (src / "model.safetensors.index.json").is_file()  # the source really is sharded
     calib = example_ids(tiny_model(family), batch=3, seq=12, seed=1) if criterion != "l2" else None
@@ -50,7 +51,8 @@ def test_stream_equals_in_memory(tmp_path, family, criterion, structure, shard, 
                   progress=False)
     report = depgraph.prune_checkpoint(src, tmp_path / "streamed", max_shard_size=shard or "5GB", **kwargs)
 
-    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    assert next(model.parameters()).dtype == dtype
     reference = depgraph.Pruner(model, **kwargs).prune()
     depgraph.save_pretrained(model, tmp_path / "in-memory")
 
@@ -58,6 +60,7 @@ def test_stream_equals_in_memory(tmp_path, family, criterion, structure, shard, 
     assert {g.name: list(u) for g, u in report.plan.items()} == {
         g.name: list(u) for g, u in reference.steps[0].plan.items()}
     streamed = depgraph.load_pretrained(tmp_path / "streamed")
+    assert {t.dtype for t in streamed.state_dict().values() if t.is_floating_point()} == {dtype}
     ids = example_ids(model, batch=2, seq=10, seed=7)
     with torch.no_grad():
         delta = (streamed(ids).logits - model(ids).logits).abs().max().item()
