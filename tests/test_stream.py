@@ -191,6 +191,16 @@ def test_cli_stream(tmp_path, capsys):
     assert plan["stream"] is True and plan["params_after"] < plan["params_before"]
     model = depgraph.load_pretrained(out)
     assert depgraph.count_parameters(model) == plan["params_after"]
+    # wanda calibrates on text: a byte-vocabulary model without tokenizer files reads it with the byte tokenizer
+    byte_src = tmp_path / "byte-src"
+    tiny_model("llama", vocab_size=259).save_pretrained(byte_src)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    rc = cli_main(["-q", "prune", str(byte_src), "--out", str(tmp_path / "w"), "--stream", "--criterion", "wanda",
+                   "--calib", str(text), "--calib-samples", "2", "--seq-len", "16"])
+    assert rc == 0
+    plan = json.loads((tmp_path / "w" / "plan.json").read_text())
+    assert "2 windows x 16 tokens" in plan["calibration"] and plan["params_after"] < plan["params_before"]
     rc = cli_main(["prune", str(src), "--out", str(tmp_path / "t"), "--stream", "--criterion", "taylor_first"])
     assert rc == 1 and "depgraph.Pruner" in capsys.readouterr().err
     rc = cli_main(["prune", str(src), "--out", str(tmp_path / "t"), "--stream", "--depth", "1"])
