@@ -484,6 +484,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     from .cut import count_parameters
     from .pruner import Pruner
 
+    if args.criterion is None:  # Taylor needs the whole model in memory: streaming defaults to magnitude
+        args.criterion = "l2" if args.stream else "taylor_first"
     if args.stream:
         return _prune_stream(args, console)
     spec = resolve(args.model)
@@ -977,8 +979,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--ratio", type=_ratio, default=None, metavar="R", help="fraction of width to remove, in "
                    "(0, 1) (default 0.2; no width pruning when only --depth/--experts are given)")
-    p.add_argument("--criterion", type=_criterion, default="taylor_first", metavar="NAME",
-                   help="importance criterion (default taylor_first): "
+    p.add_argument("--criterion", type=_criterion, default=None, metavar="NAME",
+                   help="importance criterion (default taylor_first; l2 with --stream): "
                    + ", ".join(sorted(importance.CRITERIA)))
     p.add_argument("--aggregate", choices=importance.AGGREGATIONS, default="sum",
                    help="fold member scores into unit scores (default sum)")
