@@ -451,6 +451,14 @@ class InputStats:
     counts: dict[str, torch.Tensor] = field(default_factory=dict)  # embedding -> token counts
     act: dict[int, torch.Tensor] = field(default_factory=dict)  # member -> sum_t ||x_t[S_u]||_2
 
+    def forget(self, modules, members=()) -> None:
+        """Drop what was collected at ``modules`` (names) and for ``members`` (ids), to collect it again."""
+        for name in modules:
+            for table in (self.sumsq, self.tokens, self.counts):
+                table.pop(name, None)
+        for key in members:
+            self.act.pop(key, None)
+
 
 def input_statistics(ctx: ScoreContext) -> InputStats:
     """One no-grad pass over the calibration batches with pre-hooks on every scored layer."""

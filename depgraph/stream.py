@@ -280,6 +280,51 @@ def _replayed(blocks: nn.ModuleList, upto: int, outputs: list, index: dict[str, 
             blocks[j].__dict__.pop("forward", None)
 
 
+def _lazy_loads(model: nn.Module, residency: _Residency, paths: list[str]) -> list:
+    """Pre-hooks that load a module's own checkpoint tensors when it is first called (the embeddings run
+    in every calibration pass, the head only in the last one: it is not held while the layers run)."""
+    alias = canonical_names(model)
+    handles = []
+    for path in paths:
+        module = model.get_submodule(path)
+        local = [n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+        own = [alias.get(f"{path}.{n}" if path else n) for n in local]
+        own = [n for n in own if n in residency.key_of]
+        if own:
+            handles.append(module.register_forward_pre_hook(lambda _m, _a, own=own: residency.load(own)))
+    return handles
+
+
+def _calibrate(model: nn.Module, ctx, stats, blocks: nn.ModuleList, phase: int, n_blocks: int, outputs: list,
+               batches: list, modules: set[str]) -> list:
+    """Run every calibration batch up to and through block ``phase`` (the whole model when ``phase ==
+    n_blocks``), earlier blocks replayed from ``outputs``, with the statistics hooks of ``modules``;
+    returns block ``phase``'s output per batch."""
+    hooks = importance.input_hooks(ctx, stats, modules)
+    index = {"batch": 0}
+    new_outputs: list = []
+    stop = None
+    if phase < n_blocks:
+        def keep(_module, _args, output):
+            new_outputs.append(output)
+            raise _Stop
+        stop = blocks[phase].register_forward_hook(keep)
+    try:
+        with torch.no_grad(), calibration.eval_mode(model), _replayed(blocks, phase, outputs, index):
+            for b, batch in enumerate(batches):
+                index["batch"] = b
+                try:
+                    calibration.forward(model, batch, torch.device("cpu"))
+                except _Stop:
+                    pass
+    finally:
+        for h in hooks:
+            h.remove()
+        if stop is not None:
+            stop.remove()
+    return new_outputs
+
+
 def _stream_scores(graph, groups: list[Group], criterion: str, aggregate: str, batches: list | None,
                    residency: _Residency, block_path: str, n_blocks: int, seed: int, progress: bool,
                    options: dict) -> dict[Group, torch.Tensor]:
@@ -314,36 +359,23 @@ def _stream_scores(graph, groups: list[Group], criterion: str, aggregate: str, b
     blocks = model.get_submodule(block_path)
     scores: dict[int, torch.Tensor] = {}
     outputs: list = []
-    index = {"batch": 0}
-    cpu = torch.device("cpu")
-    if calibrate:  # embeddings and head run in every pass
-        residency.load(tensors_of[n_blocks])
+    lazy = _lazy_loads(model, residency, [n for n, _ in model.named_modules() if phase_of(n) == n_blocks]) \
+        if calibrate else []
     try:
         for phase in tqdm(range(n_blocks + 1), desc=f"streaming {criterion}", disable=not progress, leave=False):
             residency.load(tensors_of[phase])
             if calibrate:
-                hooks = importance.input_hooks(ctx, ctx.stats[criterion], modules_of[phase])
-                stop = None
-                new_outputs: list = []
-                if phase < n_blocks:
-                    def keep(_module, _args, output, new_outputs=new_outputs):
-                        new_outputs.append(output)
-                        raise _Stop
-                    stop = blocks[phase].register_forward_hook(keep)
+                stats: importance.InputStats = ctx.stats[criterion]
                 try:
-                    with torch.no_grad(), calibration.eval_mode(model), _replayed(blocks, phase, outputs, index):
-                        for b, batch in enumerate(batches):
-                            index["batch"] = b
-                            try:
-                                calibration.forward(model, batch, cpu)
-                            except _Stop:
-                                pass
-                finally:
-                    for h in hooks:
-                        h.remove()
-                    if stop is not None:
-                        stop.remove()
-                outputs = new_outputs
+                    outputs = _calibrate(model, ctx, stats, blocks, phase, n_blocks, outputs, batches, modules_of[phase])
+                except Exception:
+                    if all(n in residency.resident for n in tensors_of[n_blocks]):
+                        raise
+                    # a module read another one's weight without calling it (so its loader never ran): run
+                    # this layer's batches again from scratch with the embeddings and head all in memory
+                    stats.forget(modules_of[phase], [id(m) for _, m in members_of[phase]])
+                    residency.load(tensors_of[n_blocks])
+                    outputs = _calibrate(model, ctx, stats, blocks, phase, n_blocks, outputs, batches, modules_of[phase])
             for g, m in members_of[phase]:
                 s = importance.score_member(ctx, criterion, g, m)
                 if s is not None:
@@ -351,6 +383,8 @@ def _stream_scores(graph, groups: list[Group], criterion: str, aggregate: str, b
             ctx.stats.get("index_sums", {}).clear()  # per-parameter sums of the layer just scored
             residency.release(tensors_of[phase])
     finally:
+        for h in lazy:
+            h.remove()
         residency.release_all()
     out = {}
     for g in groups:

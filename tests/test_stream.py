@@ -86,17 +86,34 @@ def test_one_layer_resident_at_a_time(tmp_path, monkeypatch):
     """Scoring never holds two decoder layers' tensors at once (memory independent of depth)."""
     src = _source(tmp_path, "llama")
     seen: list[set[int]] = []
+    head_with_layer = []
     load = stream._Residency.load
 
     def spy(self, names):
         load(self, names)
         seen.append({depgraph.calibration.layer_index(n) for n in self.resident} - {None})
+        head_with_layer.append(bool(seen[-1]) and "lm_head.weight" in self.resident)
 
     monkeypatch.setattr(stream._Residency, "load", spy)
     calib = example_ids(tiny_model("llama"), batch=2, seq=8)
     depgraph.prune_checkpoint(src, tmp_path / "out", criterion="wanda", calib=calib, structure="all", progress=False)
     assert seen and all(len(layers) <= 1 for layers in seen)
     assert set().union(*seen) == {0, 1}
+    assert not any(head_with_layer)  # the (untied) head is read only for the last pass, after the layers
+
+
+def test_weight_read_without_its_module_is_retried(tmp_path, monkeypatch):
+    """A model that reads a head weight without calling its module (so the lazy loader never runs) still
+    calibrates: that pass is rerun with the embeddings and head in memory, statistics counted once."""
+    src = _source(tmp_path, "llama")
+    calib = example_ids(tiny_model("llama"), batch=2, seq=8)
+    monkeypatch.setattr(stream, "_lazy_loads", lambda *a: [])  # as if no module call announced the weights
+    depgraph.prune_checkpoint(src, tmp_path / "retried", criterion="wanda", calib=calib, structure="all",
+                              progress=False)
+    monkeypatch.undo()
+    depgraph.prune_checkpoint(src, tmp_path / "plain", criterion="wanda", calib=calib, structure="all",
+                              progress=False)
+    assert _files(tmp_path / "retried") == _files(tmp_path / "plain")
 
 
 def test_taylor_refused_before_writing(tmp_path):
