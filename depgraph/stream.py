@@ -19,8 +19,10 @@
    shard is ever held whole). Config, ``depgraph.json`` and buffers are written by
    :func:`depgraph.checkpoint.write_checkpoint` (plain Hugging Face files when the cut is uniform).
 
-Peak memory is one decoder layer's weights (plus its read buffer), the embedding / head tensors while
-calibrating, the member scores and one layer's calibration outputs, independent of depth. The output is
+Peak memory is one decoder layer's weights (plus the tensor being read), the embeddings while calibrating
+(loaded when first called; the head only for the last pass, or for the cut of its own tensor), the member
+scores and one layer's calibration outputs, independent of depth (the meta model's trace grows with
+depth, by about 8 MiB per Llama-7B layer). The output is
 written into a temporary sibling directory, fsynced and renamed into place, so an interrupted run never
 leaves a half-written checkpoint. Criteria that need gradients of the whole model (``taylor_*``, ``obs``)
 are refused (:class:`~depgraph.errors.StreamError`): use the in-memory :class:`depgraph.Pruner`.
@@ -184,8 +186,8 @@ class _Residency:
     """Puts checkpoint tensors into the meta model and takes them out again, by tensor name.
 
     A tensor is set with accelerate's ``set_module_tensor_to_device``, and the same object under its other
-    names (a tied embedding and head stay one parameter); ``params`` (shared with the scoring context) always maps each
-    parameter name to the model's current parameter object.
+    names (a tied embedding and head stay one parameter); ``params`` (shared with the scoring context)
+    always maps each parameter name to the model's current parameter object.
     """
 
     def __init__(self, model: nn.Module, source: SourceCheckpoint, key_of: dict[str, str]):
