@@ -223,3 +223,25 @@ def test_cli_stream(tmp_path, capsys):
     assert rc == 1 and "depgraph.Pruner" in capsys.readouterr().err
     rc = cli_main(["prune", str(src), "--out", str(tmp_path / "t"), "--stream", "--depth", "1"])
     assert rc == 2 and not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tensor_cuts_match_prune(family):
+    """cut.tensor_cuts applied to the old values gives exactly the tensors prune leaves (RMSNorm factors too)."""
+    from depgraph.cut import tensor_cuts
+    from depgraph.graph import canonical_names
+
+    model = tiny_model(family)
+    first = canonical_names(model)  # cuts name a tied weight once (GPT-2's lm_head is its wte)
+    graph = depgraph.trace(model)
+    plan = {g: list(range(0, g.size, 3))[: g.size - 1] for g in graph.groups()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cuts = tensor_cuts(graph, plan)
+    assert any(c.scale != 1.0 for c in cuts.values()) == (family == "llama")  # RMSNorm rescale under a C cut
+    depgraph.prune(graph, plan)
+    after = model.state_dict()
+    assert set(cuts) <= set(after) and len(cuts) > 10
+    for name, value in after.items():
+        cut = cuts.get(first[name])
+        expected = before[name] if cut is None else cut.apply(before[name])
+        assert torch.equal(value, expected), name
