@@ -5,7 +5,7 @@
 1. the model is built on the ``meta`` device from the directory's ``config.json`` (transformers' registry
    only) and traced: the groups are those of the in-memory path;
 2. **score**: for each decoder layer in turn, only that layer's tensors are read from the safetensors
-   files (memory-mapped), the member scores whose parameters live there are computed with the criterion's
+   files (memory-mapped; weight-only criteria read one module's tensors at a time), the member scores whose parameters live there are computed with the criterion's
    own code (:func:`depgraph.importance.score_member`), and the layer goes back to ``meta``. Calibration
    criteria (``wanda``, ``activation``) run the calibration batches through the model with every layer
    before the current one replaced by a replay of the previous layer's stored output, so each layer sees
@@ -297,6 +297,16 @@ def _lazy_loads(model: nn.Module, residency: _Residency, paths: list[str]) -> li
     return handles
 
 
+def _by_module(tensors: list[str], members: list) -> list[tuple[list[str], list]]:
+    """``(tensor names, (group, member) pairs)`` per owning module, in order."""
+    out: dict[str, tuple[list[str], list]] = {}
+    for name in tensors:
+        out.setdefault(name.rpartition(".")[0], ([], []))[0].append(name)
+    for g, m in members:
+        out.setdefault(m.param.rpartition(".")[0], ([], []))[1].append((g, m))
+    return list(out.values())
+
+
 def _calibrate(model: nn.Module, ctx, stats, blocks: nn.ModuleList, phase: int, n_blocks: int, outputs: list,
                batches: list, modules: set[str]) -> list:
     """Run every calibration batch up to and through block ``phase`` (the whole model when ``phase ==
@@ -365,8 +375,9 @@ def _stream_scores(graph, groups: list[Group], criterion: str, aggregate: str, b
         if calibrate else []
     try:
         for phase in tqdm(range(n_blocks + 1), desc=f"streaming {criterion}", disable=not progress, leave=False):
-            residency.load(tensors_of[phase])
+            units = [(tensors_of[phase], members_of[phase])]
             if calibrate:
+                residency.load(tensors_of[phase])
                 stats: importance.InputStats = ctx.stats[criterion]
                 try:
                     outputs = _calibrate(model, ctx, stats, blocks, phase, n_blocks, outputs, batches, modules_of[phase])
@@ -378,11 +389,17 @@ def _stream_scores(graph, groups: list[Group], criterion: str, aggregate: str, b
                     stats.forget(modules_of[phase], [id(m) for _, m in members_of[phase]])
                     residency.load(tensors_of[n_blocks])
                     outputs = _calibrate(model, ctx, stats, blocks, phase, n_blocks, outputs, batches, modules_of[phase])
-            for g, m in members_of[phase]:
-                s = importance.score_member(ctx, criterion, g, m)
-                if s is not None:
-                    scores[id(m)] = s
-            ctx.stats.get("index_sums", {}).clear()  # per-parameter sums of the layer just scored
+            else:  # weights only: one module's tensors at a time (its largest matrix, not a whole layer)
+                units = _by_module(tensors_of[phase], members_of[phase])
+            for tensors, members in units:
+                residency.load(tensors)
+                for g, m in members:
+                    s = importance.score_member(ctx, criterion, g, m)
+                    if s is not None:
+                        scores[id(m)] = s
+                ctx.stats.get("index_sums", {}).clear()  # per-parameter sums of the tensors just scored
+                if not calibrate:
+                    residency.release(tensors)
             residency.release(tensors_of[phase])
     finally:
         for h in lazy:

@@ -101,6 +101,12 @@ def test_one_layer_resident_at_a_time(tmp_path, monkeypatch):
     assert set().union(*seen) == {0, 1}
     assert not any(head_with_layer)  # the (untied) head is read only for the last pass, after the layers
 
+    owners: list[set[str]] = []  # weight-only criteria: one module's tensors at a time
+    monkeypatch.setattr(stream._Residency, "load", lambda self, names: (
+        load(self, names), owners.append({n.rpartition(".")[0] for n in self.resident})))
+    depgraph.prune_checkpoint(src, tmp_path / "out-l2", criterion="l2", structure="all", progress=False)
+    assert len(owners) > 10 and all(len(o) == 1 for o in owners)
+
 
 def test_weight_read_without_its_module_is_retried(tmp_path, monkeypatch):
     """A model that reads a head weight without calling its module (so the lazy loader never runs) still
