@@ -482,6 +482,10 @@ def prune_checkpoint(src: str | Path, out: str | Path, *, ratio: float | Mapping
     if spec.needs_calib:
         batches = calibration.batches(calib, calibration.vocab_size(model))
     _real_buffers(model)
+    meta = sorted(n for n, b in model.named_buffers() if b.is_meta and n not in key_of)
+    if meta:  # the buffers file of the output needs their values
+        raise StreamError(f"buffer(s) {', '.join(meta[:3])} have no values (not in the checkpoint, not computed by "
+                          "the model's constructor); prune this model in memory with depgraph.Pruner")
     residency = _Residency(model, source, key_of)
     if spec.reads_weights:
         scores = _stream_scores(graph, [g for g in pruner.groups if g.size > 0], criterion, aggregate, batches,
@@ -493,15 +497,9 @@ def prune_checkpoint(src: str | Path, out: str | Path, *, ratio: float | Mapping
 
     # ---- write: shards tensor by tensor, then config / layout / buffers, then tokenizer files
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    meta = {n for n, b in model.named_buffers() if b.is_meta and n not in key_of}
-    if meta:
-        raise StreamError(f"buffer(s) {', '.join(sorted(meta)[:3])} have no values (not in the checkpoint, not "
-                          "computed by the constructor); prune this model in memory")
-    order = [k for k in model.state_dict() if k in source.shape] + [k for k in source.shape
-                                                                      if k not in model.state_dict()]
     alias = canonical_names(model)
     planned: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for key in order:
+    for key in [k for k in model.state_dict() if k in source.shape]:  # every key (_bind checked), model order
         name = alias[key]
         shape = cuts[name].shape if name in cuts else source.shape[key]
         if tuple(tensors[name].shape) != tuple(shape):  # the cut meta model and the tensor cuts must agree
