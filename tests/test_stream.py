@@ -251,3 +251,20 @@ def test_tensor_cuts_match_prune(family):
         cut = cuts.get(first[name])
         expected = before[name] if cut is None else cut.apply(before[name])
         assert torch.equal(value, expected), name
+
+
+@pytest.mark.parametrize("structure", ["block", "all"])
+def test_tied_embeddings_sharded(tmp_path, structure):
+    """A tied head (saved once, under the embedding's name) stays tied; a uniform cut opens in plain transformers."""
+    model = tiny_model("llama", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "src", max_shard_size=40_000)
+    ids = example_ids(model, batch=3, seq=12, seed=2)
+    plain = structure == "block"
+    kwargs = dict(criterion="wanda", ratio=0.25, structure=structure, calib=ids, hf_loadable=plain, progress=False)
+    depgraph.prune_checkpoint(tmp_path / "src", tmp_path / "out", max_shard_size=40_000, **kwargs)
+    depgraph.Pruner(model, **kwargs).prune()
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out") if plain else depgraph.load_pretrained(tmp_path / "out")
+    out.eval()
+    assert out.lm_head.weight is out.model.embed_tokens.weight
+    with torch.no_grad():
+        assert (out(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
