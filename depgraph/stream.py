@@ -523,7 +523,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, *, ratio: float | Mapping
             return produce(key)
 
         for filename, keys in split.filename_to_tensors.items():
-            _write_shard(tmp / filename, [(k, *planned[k]) for k in keys], counted)
+            write_safetensors(tmp / filename, [(k, *planned[k]) for k in keys], counted)
         if split.is_sharded:
             index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
             (tmp / checkpoint.INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -532,8 +532,3 @@ def prune_checkpoint(src: str | Path, out: str | Path, *, ratio: float | Mapping
             if entry.is_file() and TOKENIZER_FILES.fullmatch(entry.name):
                 shutil.copy2(entry, tmp / entry.name)
     return report
-
-
-def _write_shard(path: Path, entries, produce) -> None:
-    """One output shard (a seam for tests that inject a failure mid-write)."""
-    write_safetensors(path, entries, produce)

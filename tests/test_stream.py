@@ -139,7 +139,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, exc):
     src = _source(tmp_path, "llama", shard=40_000)
     out = tmp_path / "out"
     calls = []
-    write = stream._write_shard
+    write = stream.write_safetensors
 
     def failing(path, entries, produce):
         calls.append(path)
@@ -147,7 +147,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, exc):
         if len(calls) == 2:  # one shard complete, the next one written: then the failure
             raise exc
 
-    monkeypatch.setattr(stream, "_write_shard", failing)
+    monkeypatch.setattr(stream, "write_safetensors", failing)
     with pytest.raises(type(exc)):
         depgraph.prune_checkpoint(src, out, criterion="l2", progress=False, max_shard_size=40_000)
     assert len(calls) == 2 and not out.exists()
