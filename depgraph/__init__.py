@@ -15,6 +15,7 @@ from .errors import (
     HealError,
     PlanError,
     PruneError,
+    StreamError,
     TraceError,
     UnsupportedModelError,
 )
@@ -34,11 +35,12 @@ from .optim import cut_optimizer_state
 from .pruner import KindResult, Pruner, TargetReport, simulate_params
 from .reconstruct import ReconstructionReport, reconstruct
 from .sparsity import check_n_m, make_permanent, sensitivity, sparsify, storage_report
+from .stream import prune_checkpoint
 from .transaction import EditReport, Transaction, count_parameters
 
 __version__ = "0.1.0"
 
-from . import calibration, data, depth, experts, importance, optim, pruner  # noqa: E402  (submodules as namespaces)
+from . import calibration, data, depth, experts, importance, optim, pruner, stream  # noqa: E402  (submodules as namespaces)
 
 __all__ = [
     "RemovalReport", "block_importance", "depth", "find_blocks", "remove_layers", "remove_least_important",
@@ -53,4 +55,5 @@ __all__ = [
     "make_permanent", "prune", "reconstruct", "save_pretrained", "sensitivity", "sparsify", "storage_report", "trace",
     "validate_plan", "zero_mask",
     "HealError", "HealReport", "heal",
+    "StreamError", "prune_checkpoint", "stream",
 ]

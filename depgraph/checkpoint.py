@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from . import hf_layout
@@ -42,6 +42,7 @@ from .sizes import LayerConfig, layer_edits
 
 STATE_FILE = "depgraph.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # the shard map of a sharded checkpoint
 REMOTE_CODE_FILE = "modeling_depgraph.py"  # the copy of depgraph.hf_layout in non-uniform checkpoints
 # files a checkpoint writes (or an older one may hold): replaced as a whole; anything else in an existing
 # directory (tokenizer files, a plan) is carried over into the new checkpoint
@@ -244,7 +245,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _carry_over(old: Path, new: Path, owned: re.Pattern) -> None:
+def carry_over(old: Path, new: Path, owned: re.Pattern) -> None:
     """Copy what ``old`` holds besides checkpoint files (tokenizer, notes) into ``new``, unless ``new`` has it."""
     for entry in old.iterdir():
         target = new / entry.name
@@ -274,7 +275,7 @@ def atomic_directory(path: str | Path, owned: re.Pattern = CHECKPOINT_FILES) -> 
     try:
         yield tmp
         if path.exists():
-            _carry_over(path, tmp, owned)
+            carry_over(path, tmp, owned)
         _fsync_tree(tmp)
         try:
             if path.exists():
@@ -418,6 +419,60 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(encode_floats(obj), indent=1, allow_nan=False) + "\n")
 
 
+def save_layout(model: nn.Module) -> dict:
+    """The ``depgraph.json`` state :func:`save_pretrained` writes for ``model`` (works on the meta device):
+    ``hf_compatible``, and otherwise the per-layer layout relative to the unpruned config."""
+    compatible = _hf_compatible(model)
+    # per-layer sizes are described relative to the original config, which always builds
+    base = getattr(model, BASE_CONFIG_ATTR, None) or model.config
+    if not compatible:
+        base = _runtime_config(model, base)
+    state = ({"shapes": {}, "attrs": {}, "configs": {}, "modules": [], "containers": {}} if compatible
+             else model_diff(model, base))
+    remote = None if compatible else remote_code_source(model)
+    state.update(format=1, cls=type(model).__name__, module=type(model).__module__, hf_compatible=compatible,
+                 base_config=None if compatible else base.to_dict(),
+                 remote_code=REMOTE_CODE_FILE if remote else None)
+    return state
+
+
+def write_checkpoint(model: nn.Module, directory: str | Path, state: dict, weights: bool = True, **kwargs) -> None:
+    """Write ``model``'s checkpoint files into ``directory`` (the caller makes it atomic): config, per-layer
+    layout (``state`` from :func:`save_layout`), non-persistent buffers and, with ``weights``, the weights.
+
+    ``weights=False`` writes everything but the weights (the streaming writer of
+    :func:`depgraph.prune_checkpoint` writes those itself, tensor by tensor, under the same names).
+    """
+    tmp = Path(directory)
+    if state["hf_compatible"]:
+        if weights:
+            model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        else:  # what transformers' save_pretrained writes besides the weights
+            model.config.architectures = [type(model).__name__]
+            model.config.save_pretrained(tmp)
+            if model.can_generate():
+                model.generation_config.save_pretrained(tmp)
+    else:
+        # not config.save_pretrained: it re-validates, and per-layer sizes may break the class's checks
+        config = json.loads(model.config.to_json_string(use_diff=False))
+        base_values = state["base_config"]
+        layout = {key: state[key] for key in hf_layout.LAYOUT_PARTS}
+        layout["build"] = {k: v for k, v in base_values.items() if config.get(k) != v and _simple(v)
+                           and k not in ("transformers_version", "architectures", "model_type")}
+        config[LAYOUT_KEY] = encode_floats(layout)
+        remote = remote_code_source(model) if state.get("remote_code") else None
+        if remote:
+            config["auto_map"] = remote[1]
+            (tmp / REMOTE_CODE_FILE).write_text(remote[0])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if weights:
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    buffers = _non_persistent_buffers(model)
+    if buffers:
+        save_file(buffers, str(tmp / BUFFERS_FILE))
+    _write_json(tmp / STATE_FILE, state)
+
+
 def save_pretrained(model: nn.Module, path: str | Path, **kwargs) -> dict:
     """Save weights (safetensors), config and the per-layer shapes; returns the saved state.
 
@@ -430,37 +485,9 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs) -> dict:
     """
     model = unwrap(model)
     _check_saveable(model)
-    compatible = _hf_compatible(model)
-    # per-layer sizes are described relative to the original config, which always builds
-    base = getattr(model, BASE_CONFIG_ATTR, None) or model.config
-    if not compatible:
-        base = _runtime_config(model, base)
-    state = ({"shapes": {}, "attrs": {}, "configs": {}, "modules": [], "containers": {}} if compatible
-             else model_diff(model, base))
-    remote = None if compatible else remote_code_source(model)
-    state.update(format=1, cls=type(model).__name__, module=type(model).__module__, hf_compatible=compatible,
-                 base_config=None if compatible else base.to_dict(),
-                 remote_code=REMOTE_CODE_FILE if remote else None)
+    state = save_layout(model)
     with atomic_directory(path) as tmp:
-        if compatible:
-            model.save_pretrained(tmp, safe_serialization=True, **kwargs)
-        else:
-            # not config.save_pretrained: it re-validates, and per-layer sizes may break the class's checks
-            config = json.loads(model.config.to_json_string(use_diff=False))
-            base_values = base.to_dict()
-            layout = {key: state[key] for key in hf_layout.LAYOUT_PARTS}
-            layout["build"] = {k: v for k, v in base_values.items() if config.get(k) != v and _simple(v)
-                               and k not in ("transformers_version", "architectures", "model_type")}
-            config[LAYOUT_KEY] = encode_floats(layout)
-            if remote:
-                config["auto_map"] = remote[1]
-                (tmp / REMOTE_CODE_FILE).write_text(remote[0])
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        buffers = _non_persistent_buffers(model)
-        if buffers:
-            save_file(buffers, str(tmp / BUFFERS_FILE))
-        _write_json(tmp / STATE_FILE, state)
+        write_checkpoint(model, tmp, state, weights=True, **kwargs)
     return state
 
 
@@ -500,6 +527,28 @@ def _load_failed(path: Path, exc: BaseException) -> DepGraphError:
     return DepGraphError(f"checkpoint {path} cannot be loaded: {first} ({type(exc).__name__}); a weights file is "
                          "missing, truncated or from another model, or the shapes do not fit the config: save the "
                          "model again")
+
+
+def _load_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
+    """Load ``model.safetensors``, or every shard ``model.safetensors.index.json`` lists (as the streaming
+    writer of :func:`depgraph.prune_checkpoint` writes them); returns ``(missing, unexpected)`` keys, where
+    a tied weight saved under one of its names is not missing."""
+    index = path / INDEX_FILE
+    if not index.is_file():
+        return load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    weight_map = _read_json(index, "weights index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise DepGraphError(f"checkpoint {path}: {INDEX_FILE} has no weight_map; it is damaged: save the model again")
+    loaded: set[int] = set()
+    unexpected: list[str] = []
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    for shard in sorted(set(weight_map.values())):
+        values = load_file(str(path / shard))
+        result = model.load_state_dict(values, strict=False)
+        unexpected += result.unexpected_keys
+        loaded.update(id(tensors[k]) for k in values if k in tensors)
+    missing = [k for k in model.state_dict() if k in tensors and id(tensors[k]) not in loaded]
+    return missing, unexpected
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -547,7 +596,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
                                LAYOUT_KEY) and not key.startswith("_"):
                     setattr(model.config, key, value)
             apply_layout(model, state, LayerConfig)
-            missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
+            missing, unexpected = _load_weights(model, path)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, LayoutError, SafetensorError) as exc:
             raise _load_failed(path, exc) from exc
         if missing or unexpected:

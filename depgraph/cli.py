@@ -5,7 +5,7 @@
     depgraph inspect MODEL [--meta] [--json] [--kind A|B|C]
     depgraph prune   MODEL --ratio 0.2 --criterion l2 --out DIR [--strategy block|channel|all] [--depth N]
                      [--experts R] [--kind-ratios A=0.3,B=0.25] [--no-hf-loadable] [--allow-partial]
-                     [--reconstruct lsq|bias] [--sequential]
+                     [--reconstruct lsq|bias] [--sequential] [--stream]
     depgraph heal    MODEL --data FILE --out DIR [--teacher DIR] [--method lora|kd|lora+kd] [--steps N] ...
     depgraph render  MODEL -o graph.svg [--scope model.layers.0] [--level neuron] [--report report.html]
     depgraph eval    MODEL [--ppl FILE] [--lm-eval FILE] [--tasks NAMES] [--context-length 128] [--max-tokens N]
@@ -408,10 +408,86 @@ def _remove_structures(args: argparse.Namespace, console: Console, model: nn.Mod
     return done
 
 
+def _prune_stream(args: argparse.Namespace, console: Console) -> int:
+    """``prune --stream``: :func:`depgraph.prune_checkpoint`, one decoder layer in memory at a time."""
+    from .stream import check_criterion, prune_checkpoint
+
+    spec = resolve(args.model)
+    if spec.kind not in ("hf", "depgraph"):
+        raise CLIError(f"--stream reads a checkpoint directory (config.json + safetensors); {spec.spec} is a "
+                       f"{'config file' if spec.kind == 'config' else 'demo model'}: drop --stream")
+    needs_memory = [flag for flag, on in (("--depth", args.depth is not None), ("--experts", args.experts is not None),
+                                          ("--reconstruct", args.reconstruct is not None),
+                                          ("--sequential", args.sequential), ("--steps", args.steps != 1)) if on]
+    if needs_memory:
+        raise CLIError(f"--stream cuts once, one layer at a time; {', '.join(needs_memory)} need(s) the whole model "
+                       "in memory: drop --stream")
+    check_criterion(args.criterion)
+    out = Path(args.out)
+    start = time.perf_counter()
+    ratio = args.ratio if args.ratio is not None else 0.2
+    hf_loadable = args.hf_loadable
+    if hf_loadable is None:  # as without --stream: on unless the options ask for per-layer widths
+        hf_loadable = args.scope == "local" and not (args.skip_first or args.skip_last)
+    calib, calib_about = None, None
+    with console.stages("prune --stream", ["calibration", "score, cut and write"]) as stage:
+        stage("calibration")
+        if importance.CRITERIA[args.criterion].needs_calib:
+            shapes = load_model(ResolvedSpec("hf", spec.spec, spec.path), meta=True)  # config only
+            tokenizer = _tokenizer(spec, args.tokenizer, shapes)
+            calib, calib_about = _calibration(shapes, tokenizer, args.calib, args.calib_samples, args.seq_len,
+                                              args.seed)
+        stage("score, cut and write")
+        report = prune_checkpoint(spec.path, out, ratio=args.kind_ratios or ratio, criterion=args.criterion,
+                                  aggregate=args.aggregate, target=args.target, scope=args.scope,
+                                  structure=args.strategy, skip_first=args.skip_first, skip_last=args.skip_last,
+                                  round_to=args.round_to, head_round_to=args.head_round_to, calib=calib,
+                                  seed=args.seed, hf_loadable=hf_loadable, allow_partial=args.allow_partial,
+                                  progress=console.bars)
+        target = report.target
+        record = {
+            "model": args.model, "stream": True, "criterion": args.criterion, "aggregate": args.aggregate,
+            "ratio": ratio, "strategy": args.strategy, "scope": args.scope, "target": args.target,
+            "skip_first": args.skip_first, "skip_last": args.skip_last, "round_to": args.round_to,
+            "head_round_to": args.head_round_to, "kind_ratios": args.kind_ratios, "hf_loadable": hf_loadable,
+            "seed": args.seed, "calibration": calib_about, "params_before": report.params_before,
+            "params_after": report.params_after,
+            "achieved": {k: r.ratio for k, r in target.kinds.items()} if target is not None else {},
+            "plain_hf": target.hf_reason is None if target is not None else None,
+            "notes": target.notes if target is not None else [],
+            "groups": {g.name: {"kind": g.kind.value, "before": g.size + len(u), "after": g.size,
+                                "removed": [int(x) for x in u]} for g, u in (report.plan or {}).items()},
+        }
+        (out / "plan.json").write_text(_compact_json(record) + "\n")
+    if calib_about:
+        console.say(f"calibration: {calib_about}")
+    console.say(f"{report} (streamed: one decoder layer in memory at a time)")
+    if target is not None:
+        console.say(str(target))
+    console.say(f"time: {time.perf_counter() - start:.1f} s")
+    reload = "depgraph.load_pretrained or transformers' from_pretrained" if _plain_checkpoint(out) else "depgraph.load_pretrained"
+    console.say(f"wrote {out}/ (reload with {reload}) and {out / 'plan.json'}")
+    return 0
+
+
+def _plain_checkpoint(directory: Path) -> bool:
+    """Whether the checkpoint in ``directory`` is plain Hugging Face (``depgraph.json`` says so)."""
+    from .checkpoint import STATE_FILE
+
+    try:
+        return bool(json.loads((directory / STATE_FILE).read_text()).get("hf_compatible"))
+    except (OSError, ValueError):
+        return False
+
+
 def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     from .cut import count_parameters
     from .pruner import Pruner
 
+    if args.criterion is None:  # Taylor needs the whole model in memory: streaming defaults to magnitude
+        args.criterion = "l2" if args.stream else "taylor_first"
+    if args.stream:
+        return _prune_stream(args, console)
     spec = resolve(args.model)
     _require_weights(spec)
     out = Path(args.out)
@@ -903,8 +979,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--ratio", type=_ratio, default=None, metavar="R", help="fraction of width to remove, in "
                    "(0, 1) (default 0.2; no width pruning when only --depth/--experts are given)")
-    p.add_argument("--criterion", type=_criterion, default="taylor_first", metavar="NAME",
-                   help="importance criterion (default taylor_first): "
+    p.add_argument("--criterion", type=_criterion, default=None, metavar="NAME",
+                   help="importance criterion (default taylor_first; l2 with --stream): "
                    + ", ".join(sorted(importance.CRITERIA)))
     p.add_argument("--aggregate", choices=importance.AGGREGATIONS, default="sum",
                    help="fold member scores into unit scores (default sum)")
@@ -945,6 +1021,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=_ratio, default=None, metavar="R",
                    help="first remove this fraction of the routed experts of every MoE block (least routing "
                    "weight on the calibration data)")
+    p.add_argument("--stream", action="store_true",
+                   help="prune a safetensors checkpoint directory that need not fit in memory, one decoder layer "
+                   "at a time (criteria l1, l2, random, wanda, activation; no --depth/--experts/--reconstruct)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
     p = command("heal", "recover a pruned model: LoRA, distillation from the unpruned teacher, or both",

@@ -137,21 +137,8 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
     # meta weights have no values: a forward "check" would verify nothing, so it is skipped and reported
     verify = verify and not any(t.device.type == "meta" for t in tensors.values())
 
-    # 1. indices to remove along every parameter dim
-    remove: dict[tuple[str, int], set[int]] = defaultdict(set)
-    for group, units in checked.items():
-        for m in group.members:
-            remove[(m.param, m.dim)].update(m.indices(units).tolist())
-    keep_masks: dict[tuple[str, int], np.ndarray] = {}
-    new_shapes: dict[str, tuple[int, ...]] = {}
-    for (param, dim), idx in remove.items():
-        shape = graph.param_shapes[param]
-        keep = np.ones(shape[dim], dtype=bool)
-        keep[list(idx)] = False
-        keep_masks[(param, dim)] = keep
-        new = list(new_shapes.get(param, shape))
-        new[dim] = int(keep.sum())
-        new_shapes[param] = tuple(new)
+    # 1. indices kept along every parameter dim, and the RMSNorm rescales of hidden cuts
+    keep_masks, new_shapes, norm_scales, norm_edits = _layout(graph, checked, tensors)
 
     for param, shape in new_shapes.items():
         # fused expert weights [experts, a, b] go through grouped matmuls that need 16-byte strides
@@ -172,15 +159,6 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
         device = tensors[param].device
         staged[param].append((dim, torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=device),
                               torch.as_tensor(np.flatnonzero(~keep), dtype=torch.long, device=device)))
-    # hidden cuts under RMSNorm: rescale each norm's weight and eps so the cut equals zero-masking
-    norm_edits: list = []
-    norm_scales: dict[str, object] = {}
-    for group, units in checked.items():
-        scales, eps_edits = rms_norm_edits(model, group, group.size - int(units.size))
-        norm_edits += eps_edits
-        for param in staged:
-            if id(tensors[param]) in scales:
-                norm_scales[param] = norm_scales.get(param, 1.0) * scales[id(tensors[param])]
 
     # 3. the reference for exact groups: the same units zero-masked in the model as it is now
     reference = _masked_reference(graph, checked, tensors) if verify else None
@@ -233,6 +211,74 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
         report.edits.append((names.get(id(obj), type(obj).__name__), name, old, getattr(obj, name, None)))
     _update_graph(graph, checked, keep_masks, new_shapes)
     return report
+
+
+def _layout(graph, checked: dict[Group, np.ndarray], tensors) -> tuple[
+        dict[tuple[str, int], np.ndarray], dict[str, tuple[int, ...]], dict[str, float], list]:
+    """What a cut does to every tensor: ``(keep masks per (param, dim), new shapes, RMSNorm weight factors
+    per param, eps edits)``; the one computation :func:`prune` and :func:`tensor_cuts` share."""
+    remove: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for group, units in checked.items():
+        for m in group.members:
+            remove[(m.param, m.dim)].update(m.indices(units).tolist())
+    keep_masks: dict[tuple[str, int], np.ndarray] = {}
+    new_shapes: dict[str, tuple[int, ...]] = {}
+    for (param, dim), idx in remove.items():
+        shape = graph.param_shapes[param]
+        keep = np.ones(shape[dim], dtype=bool)
+        keep[list(idx)] = False
+        keep_masks[(param, dim)] = keep
+        new = list(new_shapes.get(param, shape))
+        new[dim] = int(keep.sum())
+        new_shapes[param] = tuple(new)
+    # hidden cuts under RMSNorm: rescale each norm's weight and eps so the cut equals zero-masking
+    norm_edits: list = []
+    norm_scales: dict[str, float] = {}
+    cut_params = {p for p, _ in keep_masks}
+    for group, units in checked.items():
+        scales, eps_edits = rms_norm_edits(graph.model, group, group.size - int(units.size))
+        norm_edits += eps_edits
+        for param in cut_params:
+            if id(tensors[param]) in scales:
+                norm_scales[param] = norm_scales.get(param, 1.0) * scales[id(tensors[param])]
+    return keep_masks, new_shapes, norm_scales, norm_edits
+
+
+@dataclass
+class TensorCut:
+    """How a cut changes one tensor: keep ``kept[dim]`` (old positions, sorted) along each dim, then
+    multiply by ``scale`` (RMSNorm weights under a hidden-channel cut; 1.0 otherwise)."""
+
+    shape: tuple[int, ...]  # the shape after the cut
+    kept: dict[int, np.ndarray] = field(default_factory=dict)
+    scale: float = 1.0
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the uncut values) cut exactly as :func:`prune` cuts the model's own tensor."""
+        out = tensor
+        for dim, keep in self.kept.items():
+            out = out.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=out.device))
+        if self.scale != 1.0:
+            out = out * self.scale  # the dtype's own multiply, as prune applies it
+        return out.contiguous()
+
+
+def tensor_cuts(graph, plan: Plan) -> dict[str, TensorCut]:
+    """``{tensor name: TensorCut}`` for every parameter or buffer ``plan`` changes, without changing anything.
+
+    Applying each to the tensor's values gives what :func:`prune` leaves in the model (the streaming
+    writer of :func:`depgraph.prune_checkpoint` cuts checkpoint tensors this way). Names are the
+    model's ``named_parameters`` / ``named_buffers`` names (a tied weight under its first name).
+    """
+    checked = validate_plan(graph, plan)
+    tensors = check_current(graph)
+    keep_masks, new_shapes, norm_scales, _ = _layout(graph, checked, tensors)
+    out = {param: TensorCut(shape) for param, shape in new_shapes.items()}
+    for (param, dim), keep in keep_masks.items():
+        out[param].kept[dim] = np.flatnonzero(keep)
+    for param, scale in norm_scales.items():
+        out[param].scale = float(scale)
+    return out
 
 
 def _masked_reference(graph, checked: dict[Group, np.ndarray], tensors) -> torch.Tensor | None:

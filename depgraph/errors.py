@@ -38,3 +38,9 @@ class PlanError(PruneError, ValueError):
 
 class HealError(DepGraphError):
     """A healing (fine-tuning) request was rejected before training; the model was left as it was."""
+
+
+class StreamError(DepGraphError):
+    """Streaming pruning of a checkpoint directory (:func:`depgraph.prune_checkpoint`) was refused: a bad
+    source directory, a criterion that needs the whole model (Taylor), or weights the model does not name.
+    Raised before anything is written."""

@@ -73,8 +73,10 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 __all__ = [
     "AGGREGATIONS", "BLOCK_ELEMENTS", "CRITERIA", "MATMUL_LAYERS", "NORMALIZATIONS", "ScoreContext",
-    "available_memory", "causal_lm_loss", "combine", "criterion", "index_sums", "input_dim", "input_statistics",
-    "member_scores", "normalize_scores", "ranking", "reduce_member", "score", "taylor_statistics",
+    "InputStats", "available_memory", "causal_lm_loss", "combine", "criterion", "index_sums", "input_dim",
+    "input_hooks", "input_statistics",
+    "member_scores", "normalize_scores", "ranking", "reduce_member", "score", "score_member",
+    "taylor_statistics",
 ]
 
 AGGREGATIONS = ("sum", "mean", "max", "product", "last")
@@ -449,10 +451,36 @@ class InputStats:
     counts: dict[str, torch.Tensor] = field(default_factory=dict)  # embedding -> token counts
     act: dict[int, torch.Tensor] = field(default_factory=dict)  # member -> sum_t ||x_t[S_u]||_2
 
+    def forget(self, modules, members=()) -> None:
+        """Drop what was collected at ``modules`` (names) and for ``members`` (ids), to collect it again."""
+        for name in modules:
+            for table in (self.sumsq, self.tokens, self.counts):
+                table.pop(name, None)
+        for key in members:
+            self.act.pop(key, None)
+
 
 def input_statistics(ctx: ScoreContext) -> InputStats:
     """One no-grad pass over the calibration batches with pre-hooks on every scored layer."""
     stats = InputStats()
+    hooks = input_hooks(ctx, stats)
+    model = ctx.model
+    device = next(iter(ctx.params.values())).device
+    try:
+        with torch.no_grad(), calibration.eval_mode(model):
+            for batch in tqdm(ctx.calib, desc="calibration", disable=not ctx.progress, leave=False):
+                calibration.forward(model, batch, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def input_hooks(ctx: ScoreContext, stats: InputStats, modules: set[str] | None = None) -> list:
+    """Register the forward pre-hooks that fold calibration inputs into ``stats`` (the statistics of
+    ``wanda`` and ``activation``) on every scored layer, or only on those named in ``modules``; returns
+    the handles (the caller removes them). Streaming pruning (:mod:`depgraph.stream`) runs one decoder
+    layer at a time with the hooks of that layer only."""
     by_module: dict[str, list[tuple[Member, int]]] = defaultdict(list)
     for name, members in ctx.scored_members().items():
         by_module[_module_name(name)].extend(members)
@@ -496,21 +524,14 @@ def input_statistics(ctx: ScoreContext) -> InputStats:
         return hook
 
     for name in by_module:
+        if modules is not None and name not in modules:
+            continue
         module = ctx.modules.get(name)
         if isinstance(module, _MATMUL):
             hooks.append(module.register_forward_pre_hook(matmul_hook(name, module), with_kwargs=True))
         elif isinstance(module, nn.Embedding):
             hooks.append(module.register_forward_pre_hook(embed_hook(name, module), with_kwargs=True))
-    model = ctx.model
-    device = next(iter(ctx.params.values())).device
-    try:
-        with torch.no_grad(), calibration.eval_mode(model):
-            for batch in tqdm(ctx.calib, desc="calibration", disable=not ctx.progress, leave=False):
-                calibration.forward(model, batch, device)
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
+    return hooks
 
 
 @criterion("wanda", collect=input_statistics, needs_calib=True)
@@ -646,11 +667,21 @@ def member_scores(graph, criterion: str = "l2", calib=None, groups=None, seed: i
         for m in group.members:
             if m.is_buffer or m.param not in ctx.params:
                 continue
-            s = spec.fn(ctx, group, m)
+            s = score_member(ctx, criterion, group, m)
             if s is not None:
-                scores[m] = _check(s, group, f"criterion {criterion!r} on {m.param}")
+                scores[m] = s
         out[group] = scores
     return out
+
+
+def score_member(ctx: ScoreContext, criterion: str, group: Group, member: Member) -> torch.Tensor | None:
+    """One member's checked per-unit scores under ``criterion`` (None: the criterion does not score it).
+
+    The member's parameter (and ``ctx.stats[criterion]``, when the criterion collects statistics) must be
+    ready; streaming pruning (:mod:`depgraph.stream`) calls this one decoder layer at a time.
+    """
+    s = CRITERIA[criterion].fn(ctx, group, member)
+    return None if s is None else _check(s, group, f"criterion {criterion!r} on {member.param}")
 
 
 def _check(s, group: Group, what: str) -> torch.Tensor:

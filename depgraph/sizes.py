@@ -619,12 +619,17 @@ def rms_norm_eps(module: nn.Module) -> str | None:
     """The attribute holding ``eps`` if ``module`` computes ``x * rsqrt(mean(x**2) + eps) * weight`` over its
     last dim (checked on a probe input, not by class name: Gemma's ``1 + weight`` is not it); else None."""
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.device.type == "meta":
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         return None
     name = next((a for a in RMS_EPS_ATTRS if isinstance(vars(module).get(a), float)), None)
     if name is None:
         return None
     gen = torch.Generator().manual_seed(0)
+    if weight.device.type == "meta":  # shapes only: probe the formula on a copy holding stand-in values
+        module = copy.deepcopy(module).to_empty(device="cpu")
+        with torch.no_grad():
+            module.weight.copy_(torch.rand(weight.shape, generator=gen) + 0.5)
+        weight = module.weight
     x = torch.randn(3, weight.numel(), generator=gen, dtype=torch.float32)
     try:
         with torch.no_grad():
