@@ -155,6 +155,22 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _spread(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _uniform_widths(args: argparse.Namespace) -> bool:
+    """Whether the options keep identical blocks at identical widths (so --hf-loadable can default on)."""
+    return (args.scope == "local" and not (args.skip_first or args.skip_last)
+            and args.allocation == "uniform")
+
+
 def _kind_ratios(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for part in text.split(","):
@@ -418,6 +434,8 @@ def _prune_stream(args: argparse.Namespace, console: Console) -> int:
                        f"{'config file' if spec.kind == 'config' else 'demo model'}: drop --stream")
     needs_memory = [flag for flag, on in (("--depth", args.depth is not None), ("--experts", args.experts is not None),
                                           ("--reconstruct", args.reconstruct is not None),
+                                          (f"--allocation {args.allocation}",
+                                           args.allocation in ("outlier", "sensitivity")),
                                           ("--sequential", args.sequential), ("--steps", args.steps != 1)) if on]
     if needs_memory:
         raise CLIError(f"--stream cuts once, one layer at a time; {', '.join(needs_memory)} need(s) the whole model "
@@ -428,7 +446,7 @@ def _prune_stream(args: argparse.Namespace, console: Console) -> int:
     ratio = args.ratio if args.ratio is not None else 0.2
     hf_loadable = args.hf_loadable
     if hf_loadable is None:  # as without --stream: on unless the options ask for per-layer widths
-        hf_loadable = args.scope == "local" and not (args.skip_first or args.skip_last)
+        hf_loadable = _uniform_widths(args)
     calib, calib_about = None, None
     with console.stages("prune --stream", ["calibration", "score, cut and write"]) as stage:
         stage("calibration")
@@ -443,6 +461,7 @@ def _prune_stream(args: argparse.Namespace, console: Console) -> int:
                                   structure=args.strategy, skip_first=args.skip_first, skip_last=args.skip_last,
                                   round_to=args.round_to, head_round_to=args.head_round_to, calib=calib,
                                   seed=args.seed, hf_loadable=hf_loadable, allow_partial=args.allow_partial,
+                                  allocation=args.allocation, allocation_spread=args.allocation_spread,
                                   progress=console.bars)
         target = report.target
         record = {
@@ -450,7 +469,7 @@ def _prune_stream(args: argparse.Namespace, console: Console) -> int:
             "ratio": ratio, "strategy": args.strategy, "scope": args.scope, "target": args.target,
             "skip_first": args.skip_first, "skip_last": args.skip_last, "round_to": args.round_to,
             "head_round_to": args.head_round_to, "kind_ratios": args.kind_ratios, "hf_loadable": hf_loadable,
-            "seed": args.seed, "calibration": calib_about, "params_before": report.params_before,
+            "allocation": args.allocation, "allocation_spread": args.allocation_spread, "seed": args.seed, "calibration": calib_about, "params_before": report.params_before,
             "params_after": report.params_after,
             "achieved": {k: r.ratio for k, r in target.kinds.items()} if target is not None else {},
             "plain_hf": target.hf_reason is None if target is not None else None,
@@ -500,7 +519,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     width = args.ratio is not None or bool(args.kind_ratios) or not structural  # --depth/--experts alone: no width
     ratio = args.ratio if args.ratio is not None else 0.2
     needs_calib = structural or (width and (importance.CRITERIA[args.criterion].needs_calib
-                                            or args.reconstruct is not None))
+                                            or args.reconstruct is not None
+                                            or args.allocation in ("outlier", "sensitivity")))
     stages = ["load", "calibration"] + (["experts and depth"] if structural else []) + ["trace", "score and cut",
                                                                                         "save"]
     pruner = None
@@ -528,14 +548,15 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
         if width:
             hf_loadable = args.hf_loadable
             if hf_loadable is None:  # on by default, unless the options ask for per-layer widths
-                hf_loadable = args.scope == "local" and not (args.skip_first or args.skip_last)
+                hf_loadable = _uniform_widths(args)
             pruner = Pruner(graph, criterion=args.criterion, aggregate=args.aggregate,
                             ratio=args.kind_ratios or ratio, target=args.target, scope=args.scope,
                             structure=args.strategy, skip_first=args.skip_first, skip_last=args.skip_last,
                             round_to=args.round_to, head_round_to=args.head_round_to, steps=args.steps,
                             calib=calib, seed=args.seed, progress=console.bars, hf_loadable=hf_loadable,
                             allow_partial=args.allow_partial, reconstruct=args.reconstruct,
-                            sequential=args.sequential)
+                            sequential=args.sequential, allocation=args.allocation,
+                            allocation_spread=args.allocation_spread)
             if not pruner.groups:
                 raise CLIError(f"no group to prune: strategy {args.strategy!r} with --skip-first "
                                f"{args.skip_first} --skip-last {args.skip_last} selects none ({graph!r})", 1)
@@ -563,6 +584,7 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
             "scope": args.scope, "target": args.target, "skip_first": args.skip_first,
             "skip_last": args.skip_last, "round_to": args.round_to, "head_round_to": args.head_round_to,
             "kind_ratios": args.kind_ratios, "hf_loadable": hf_loadable, "steps": args.steps, "seed": args.seed,
+            "allocation": args.allocation, "allocation_spread": args.allocation_spread,
             "calibration": calib_about, "reconstruct": args.reconstruct, "sequential": args.sequential,
             "params_before": params_before, "params_after": params_after,
             "achieved": {k: r.ratio for k, r in target.kinds.items()} if target is not None else {},
@@ -950,6 +972,8 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``depgraph`` argument parser (one sub-parser per command)."""
+    from .pruner import ALLOCATIONS
+
     demos = ", ".join(f"{name} ({spec.about})" for name, spec in DEMO_MODELS.items())
     model_help = ("a model directory (Hugging Face, or written by 'depgraph prune'), a config.json path, "
                   f"or a demo name: {', '.join(DEMO_MODELS)}")
@@ -1002,6 +1026,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "class accepts); default: on, unless --scope global or --skip-first/--skip-last")
     p.add_argument("--allow-partial", action="store_true",
                    help="cut as far as possible when the target is out of reach (default: refuse)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                   help="per-layer budgets with --target params: uniform (default), increasing (deeper layers "
+                   "lose more), outlier (OWL: layers with more activation outliers lose less), sensitivity "
+                   "(each layer's measured output error on the calibration data); non-uniform widths are saved "
+                   "in depgraph's format (--hf-loadable off)")
+    p.add_argument("--allocation-spread", type=_spread, default=0.5, metavar="S",
+                   help="how far --allocation increasing/outlier moves layers from the mean, in [0, 1) "
+                   "(default 0.5)")
     number(p, "--steps", 1, 1, "reach the ratio in N re-scored cuts (default 1)")
     p.add_argument("--calib", type=_existing_file, default=None, metavar="FILE",
                    help="calibration text file (default: valid.txt in $DEPGRAPH_DATA_DIR)")

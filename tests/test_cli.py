@@ -80,6 +80,9 @@ def runs(work: Path) -> dict[str, Result]:
                    "--no-hf-loadable"], False),
         "prune_default": (["prune", tiny, "--ratio", "0.2", "--criterion", "l2", "--strategy", "all", "--target",
                            "params", "--out", "out/pruned_default", "-q"], False),
+        "prune_allocation": (["prune", tiny, "--ratio", "0.25", "--criterion", "l2", "--target", "params",
+                              "--allocation", "increasing", "--allocation-spread", "0.9", "--out",
+                              "out/pruned_increasing", "-q"], False),
         "inspect": (["inspect", tiny, "-q"], False),
         "inspect_json": (["inspect", tiny, "--json", "-q"], False),
         "eval": (["eval", tiny, "--ppl", text, "--context-length", "32", "--max-tokens", "600"], False),
@@ -161,6 +164,23 @@ def test_prune_default_plan_is_plain_hf(runs, work):
     assert plan["hf_loadable"] is True and plan["plain_hf"] is True and set(plan["achieved"]) == {"A", "B", "C"}
     assert abs(1 - plan["params_after"] / plan["params_before"] - 0.2) < 0.01
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no depgraph involved
+    assert depgraph.count_parameters(model) == plan["params_after"]
+
+
+def test_prune_allocation_gives_deeper_layers_less_width(runs, work):
+    """Issue 16: --allocation increasing spreads the parameter budget so later layers lose more; such a
+    model has per-layer widths, so --hf-loadable defaults off and depgraph's loader opens it."""
+    r = runs["prune_allocation"]
+    assert r.returncode == 0, r
+    assert "allocation increasing: layer 0" in r.stdout, r
+    out = work / "out" / "pruned_increasing"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["allocation"] == "increasing" and plan["allocation_spread"] == 0.9
+    assert plan["hf_loadable"] is False and plan["plain_hf"] is False
+    mlp = [plan["groups"][f"model.layers.{i}.mlp"] for i in range(2)]
+    assert mlp[0]["before"] - mlp[0]["after"] < mlp[1]["before"] - mlp[1]["after"], plan["groups"]
+    assert abs(1 - plan["params_after"] / plan["params_before"] - 0.25) < 0.01
+    model = depgraph.load_pretrained(out)
     assert depgraph.count_parameters(model) == plan["params_after"]
 
 

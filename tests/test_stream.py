@@ -229,6 +229,12 @@ def test_cli_stream(tmp_path, capsys):
     assert rc == 1 and "depgraph.Pruner" in capsys.readouterr().err
     rc = cli_main(["prune", str(src), "--out", str(tmp_path / "t"), "--stream", "--depth", "1"])
     assert rc == 2 and not (tmp_path / "t").exists()
+    rc = cli_main(["prune", str(src), "--out", str(tmp_path / "t"), "--stream", "--target", "params",
+                   "--allocation", "sensitivity"])  # measures layers on the whole model
+    assert rc == 2 and "--allocation sensitivity" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    rc = cli_main(["-q", "prune", str(src), "--out", str(tmp_path / "inc"), "--stream", "--target", "params",
+                   "--allocation", "increasing"])  # a schedule needs no weights: it streams
+    assert rc == 0 and json.loads((tmp_path / "inc" / "plan.json").read_text())["allocation"] == "increasing"
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
