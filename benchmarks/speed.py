@@ -466,6 +466,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
             layers, device = row.layers[tool], row.device[tool]
             small = _n_params(row.shape, layers) < 50_000_000
             timeout = min(args.timeout, args.small_timeout) if small else args.timeout
+            if tool == "tp" and args.peer_timeout is not None:  # a peer that hangs is a finding, not a wait
+                timeout = min(timeout, args.peer_timeout)
             spec = {"task": "tool", "tool": tool, "shape": row.shape, "layers": layers, "device": device}
             row.cells[tool] = measure(spec, runs, timeout, args.isolation, log)
         results["main"].append({
@@ -652,6 +654,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per child (large models)")
     parser.add_argument("--small-timeout", type=float, default=None,
                         help="seconds per child for models under 50M params (default 90; 30 with --quick)")
+    parser.add_argument("--peer-timeout", type=float, default=None,
+                        help="seconds per Torch-Pruning child in the main table (default: as the rows above)")
     parser.add_argument("--tp-layers-7b", type=int, default=8,
                         help="layers of the 7B shape Torch-Pruning gets (real fp32 weights: ~0.8 GB per layer)")
     parser.add_argument("--prune-layers", type=int, default=22, help="layers of the 1.1B shape fully pruned")
