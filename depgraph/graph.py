@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
@@ -222,6 +222,7 @@ class AnalysisRecord:
     axis_edges: list[tuple[str, str, str]]
     nx_axis_nodes: int
     constant_users: dict[str, list[str]]  # lifted constant placeholder -> module paths of its users
+    inputs: list[tuple[str, ...]] = field(default_factory=list)  # per node, the names of the nodes it reads
 
     @classmethod
     def of(cls, exported, builder: DependencyBuilder, ctx: RuleContext, graph: DependencyGraph) -> AnalysisRecord:
@@ -232,7 +233,8 @@ class AnalysisRecord:
                   lifted.get(n.name, "")) for n in exported.graph.nodes]
         constants = dict(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
         users = {n.name: [module_path(u) for u in n.users] for n in exported.graph.nodes if n.name in constants}
-        return cls(nodes, list(builder.marks), list(ctx.axis_edges), graph._nx_axis_nodes, users)
+        inputs = [tuple(a.name for a in n.all_input_nodes) for n in exported.graph.nodes]
+        return cls(nodes, list(builder.marks), list(ctx.axis_edges), graph._nx_axis_nodes, users, inputs)
 
 
 def _flatten(args) -> list[fx.Node]:

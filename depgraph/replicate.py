@@ -14,21 +14,29 @@ A deep transformer repeats one block: analysing 80 copies of it costs 80 times o
    a ``finally``);
 3. checks that unit 1's analysis is unit 0's with the layer indices renamed and unit 2's is unit 1's
    (groups, members, unit layout, parameter-channel components, frozen dims, ops, node names,
-   couplings), and that nothing runs between blocks outside them;
+   couplings), that nothing runs between blocks outside them, that blocks read only the previous
+   block (the code after them only the last one) and that FX names are numbered from the graph;
 4. builds the full graph: unit 0 as traced, units 1..n-2 from unit 1, unit n-1 from unit 2,
    everything outside the blocks (embeddings, the final norm, the head) once; groups spanning units
    (the residual stream) get every unit's members. Group order, names, member order and FX node
    names follow the rules a full analysis uses, so the result is the one a full trace gives.
 
+Before the trace, two checks look for layer-index-dependent behaviour the modules do not show: no
+module class of a block may compare its layer index in ``forward`` (:func:`index_dependent_code`), and
+one shapes-only run of the model with the blocks past the representatives stubbed must call every
+block like the block that stands for it (:func:`block_call_mismatch`: same ``None`` arguments, tensor
+shapes and dtypes, other values).
+
 Anything that does not fit (blocks differ, too few of them, an op without a rule touching parameters,
-a check in 3 failing) returns ``None`` and :func:`depgraph.trace` analyses the whole model. The limit:
-code that takes a layer-index-dependent path with no visible difference in the modules or the config
+a check failing) returns ``None`` and :func:`depgraph.trace` analyses the whole model. The limit:
+index-dependent code the checks cannot see (a comparison in a helper method, ``torch.roll(x, layer_idx)``)
 is caught only if units 0-2 already differ (see docs/concepts.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dis
 import logging
 import re
 from collections import Counter
@@ -51,6 +59,7 @@ REPRESENTATIVES = 3  # units traced: the first, a steady-state one, the last
 PRE, POST = -1, -2  # segments outside the blocks: before / after them
 _SUFFIX = re.compile(r"(.*)_(\d+)$")  # torch.fx's de-duplicating suffix: ``linear_12``
 _NO_USE = 1 << 30  # Member.order of a parameter dim no rule used
+_LAYERISH = re.compile(r"(layers?|blocks?|idxs?|indices|index)$", re.I)  # config lists naming blocks
 
 
 class Mismatch(Exception):
@@ -103,6 +112,8 @@ def uniform_blocks(model: nn.Module) -> tuple[str, nn.ModuleList, int] | str:
     n = len(blocks)
     if n <= REPRESENTATIVES:
         return f"{n} blocks (replication needs more than {REPRESENTATIVES})"
+    if len({id(block) for block in blocks}) != n:  # one module run at several depths (weight-shared layers)
+        return f"a block of {path} appears several times in it"
     config = depth.owner_config(model, path)
     per_layer: list[tuple[str, object]] = []
     shared: tuple = tuple(c for c in (getattr(model, "config", None), config) if c is not None)
@@ -110,9 +121,8 @@ def uniform_blocks(model: nn.Module) -> tuple[str, nn.ModuleList, int] | str:
         for key, value in sorted(vars(config).items()):
             if isinstance(value, (list, tuple)) and len(value) == n:
                 per_layer.append((key, value))
-        for key in depth.INDEX_LISTS:
-            value = getattr(config, key, None)
-            if isinstance(value, (list, tuple)):
+        for key, value in sorted(vars(config).items()):
+            if _index_list(key, value, n):  # ``mlp_only_layers``, ``value_layers``: membership per block
                 per_layer.append((key, [i in value for i in range(n)]))
     sigs = [(block_signature(block, shared), tuple((key, repr(value[i])) for key, value in per_layer))
             for i, block in enumerate(blocks)]
@@ -124,6 +134,160 @@ def uniform_blocks(model: nn.Module) -> tuple[str, nn.ModuleList, int] | str:
     odd = next((i for i in range(n) if seq[i] != seq[0]), 0)
     return (f"the blocks of {path} do not repeat with a period that divides {n} at least "
             f"{REPRESENTATIVES + 1} times (block {odd} differs from block 0)")
+
+
+def _index_list(key: str, value: object, n: int) -> bool:
+    """Whether the config field ``key`` names blocks by index (``mlp_only_layers=[3, 7]``): a non-empty
+    list, tuple or set of ints in ``range(n)`` under a name that says layers / indices."""
+    if key in depth.INDEX_LISTS:
+        return isinstance(value, (list, tuple, set, frozenset))
+    return (isinstance(value, (list, tuple, set, frozenset)) and bool(value) and _LAYERISH.search(key) is not None
+            and "token" not in key
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n for v in value))
+
+
+def index_dependent_code(block: nn.Module) -> str | None:
+    """A module of ``block`` whose ``forward`` compares a layer-index attribute (``if self.layer_idx >= k``,
+    ``self.layer_idx % 2``, ``self.layer_idx in ...``), else ``None``: such a block may compute differently
+    at a depth the representatives do not reach, with no visible difference in its modules."""
+    seen: set[type] = set()
+    for name, module in block.named_modules():
+        cls = type(module)
+        if cls in seen:
+            continue
+        seen.add(cls)
+        code = getattr(getattr(cls, "forward", None), "__code__", None)
+        if code is not None and _compares_index(code):
+            return f"{cls.__qualname__}.forward ({name or 'the block'}) compares its layer index"
+    return None
+
+
+def _compares_index(code) -> bool:
+    """Bytecode scan: a layer-index attribute load followed, within a few instructions and before a store
+    or a jump, by a comparison, a membership test or a modulo (``+ 1`` scalings and the index passed to a
+    cache pass; a comparison of a call's result with the index as argument is taken as one)."""
+    instructions = list(dis.get_instructions(code))
+    for i, ins in enumerate(instructions):
+        if ins.opname.startswith("LOAD_ATTR") and ins.argval in depth.INDEX_ATTRS:
+            for nxt in instructions[i + 1:i + 9]:
+                if nxt.opname in ("COMPARE_OP", "CONTAINS_OP") or (
+                        nxt.opname == "BINARY_OP" and "%" in str(nxt.argrepr)):
+                    return True
+                if nxt.opname.startswith(("STORE", "RETURN", "POP_JUMP", "UNPACK", "JUMP")):
+                    break
+    return any(_compares_index(c) for c in code.co_consts if hasattr(c, "co_code"))
+
+
+def block_call_mismatch(model: nn.Module, inputs, blocks: nn.ModuleList, period: int) -> str | None:
+    """Run the model's forward once with every block past the representatives stubbed (it returns what
+    the block standing for it returned) and compare how each block is called (which arguments are
+    ``None``, tensor shapes and dtypes, other values) with the call of the block that stands for it in
+    the replication. ``None`` when all agree, else the reason.
+
+    This catches a parent loop that treats some layers apart (``value_embeds if i in special else None``,
+    KV sharing from layer ``k`` on, a last-layer test written against ``config.num_hidden_layers``). The
+    representatives run under fake tensors (shapes only, as ``torch.export`` runs them), or eagerly when
+    fake tensors cannot run them; RNG, buffers and grads are left as they were."""
+    n = len(blocks) // period
+    traced = REPRESENTATIVES * period
+
+    def stand_in(i: int) -> int:
+        unit = i // period
+        t = 0 if unit == 0 else (REPRESENTATIVES - 1 if unit == n - 1 else 1)
+        return t * period + i % period
+
+    calls: list[tuple[int, object]] = []
+    outputs: dict[int, object] = {}
+    saved: dict[int, object] = {}
+
+    def stub(i: int, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            calls.append((i, _call_signature((args, kwargs), i)))
+            if i < traced:
+                outputs[i] = forward(*args, **kwargs)
+                return outputs[i]
+            if stand_in(i) not in outputs:
+                raise Mismatch(f"block {i} ran before block {stand_in(i)}")
+            return outputs[stand_in(i)]
+        return run
+
+    # shapes only first (as torch.export runs it: free, works on meta weights); a model whose traced path
+    # fake tensors cannot run (an MoE's grouped matmul) runs eagerly on real weights
+    on_meta = any(p.is_meta for p in model.parameters())
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})  # RNGs kept
+    failure = ""
+    for fake in (True, False) if not on_meta else (True,):
+        calls.clear()
+        outputs.clear()
+        buffers = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
+        try:
+            for i, block in enumerate(blocks):
+                if "forward" in vars(block):  # an instance-level forward (accelerate hooks): put back after
+                    saved[i] = vars(block)["forward"]
+                vars(block)["forward"] = stub(i, block.forward)
+            args, kwargs = inputs
+            with torch.random.fork_rng(devices=cuda), torch.no_grad(), _fake(fake):
+                model(*args, **kwargs)
+            failure = ""
+            break
+        except Mismatch as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001  a forward we cannot run: its calls are unverified
+            failure = f"the block calls could not be checked ({type(exc).__name__}: {exc})"
+        finally:
+            for i, block in enumerate(blocks):
+                vars(block).pop("forward", None)
+                if i in saved:
+                    vars(block)["forward"] = saved.pop(i)
+            with torch.no_grad():
+                for b, copy in buffers:  # a forward may update statistics (batch norm in training mode)
+                    b.copy_(copy)
+    if failure:
+        return failure
+    order = [i for i, _ in calls]
+    if order != list(range(len(blocks))):
+        return f"the blocks are not called once each, in order (calls: {order[:12]}...)"
+    sigs = dict(calls)
+    for i in range(len(blocks)):
+        if sigs[i] != sigs[stand_in(i)]:
+            return f"block {i} is called unlike block {stand_in(i)}, which stands for it"
+    return None
+
+
+@contextlib.contextmanager
+def _fake(enabled: bool) -> Iterator[None]:
+    """Shapes only (as ``torch.export`` runs a model): no compute, works on ``meta`` weights. Torch's
+    own error log of an op fake tensors cannot run is muted: the caller retries eagerly."""
+    if not enabled:
+        yield
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    torch_log = logging.getLogger("torch._subclasses.fake_tensor")
+    was = torch_log.disabled
+    torch_log.disabled = True
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()):
+            yield
+    finally:
+        torch_log.disabled = was
+
+
+def _call_signature(value, index: int) -> object:
+    """What a block call passes, as comparable data: tensors by shape and dtype, the block's own index
+    as a token, objects by class."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, float)):
+        return value
+    if isinstance(value, int):
+        return "<index>" if value == index else value
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype))
+    if isinstance(value, (list, tuple)):
+        return tuple(_call_signature(v, index) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), repr(_call_signature(v, index))) for k, v in value.items()))
+    return ("object", type(value).__qualname__)
 
 
 @contextlib.contextmanager
@@ -159,6 +323,10 @@ def replicated_trace(model: nn.Module, inputs) -> DependencyGraph | None:
         return None
     path, blocks, period = found
     n = len(blocks) // period  # replicated units: ``period`` consecutive blocks
+    why = index_dependent_code(blocks[0]) or block_call_mismatch(model, inputs, blocks, period)
+    if why is not None:
+        log.info("depgraph: analysing all %d blocks of %s: %s", len(blocks), path, why)
+        return None
     try:
         with only_blocks(model, path, REPRESENTATIVES * period), _quiet():
             reduced = DependencyGraph(model, export(model, inputs), inputs, record=True)
@@ -239,6 +407,8 @@ class _Replicator:
         runs = [s for k, s in enumerate(seg[i] for i in calls) if k == 0 or s != seg[calls[k - 1]]]
         if [s for s in runs if s >= 0] != list(range(self.r)):
             raise Mismatch("the blocks' ops are not contiguous, one block after the other")
+        self._check_reads(seg)
+        self._check_numbering(seg)
         self.seg = seg
         self.seg_of_name = {node[0]: s for node, s in zip(nodes, seg)}
         self.is_placeholder = {node[0] for node in nodes if node[1] == "placeholder"}
@@ -256,6 +426,40 @@ class _Replicator:
                 if (self.node_name(nodes[i][0], bm, within=True) != nodes[j][0] or nodes[i][2] != nodes[j][2]
                         or self.text(nodes[i][3], bm) != nodes[j][3]):
                     raise Mismatch(f"block {b + 1}'s op {nodes[j][0]} is not block {b}'s {nodes[i][0]}")
+
+    def _check_reads(self, seg: list[int]) -> None:
+        """Blocks talk only to the next one: a block reads its own values, the previous block's and those
+        computed before the blocks; after them, only the last block's values are read. A later block
+        reading an earlier one's values (cross-layer KV or value sharing) or the head reading every block's
+        output (a stack of all hidden states) would change with depth."""
+        nodes, at = self.rec.nodes, {node[0]: i for i, node in enumerate(self.rec.nodes)}
+        for i, reads in enumerate(self.rec.inputs):
+            s = seg[i]
+            for name in reads:
+                t = seg[at[name]]
+                if t < 0:
+                    continue
+                if (s >= 0 and t not in (s, s - 1)) or (s < 0 and t != self.r - 1):
+                    where = f"block {s}" if s >= 0 else "the code after the blocks"
+                    raise Mismatch(f"{where} reads {name} of block {t} ({nodes[i][0]})")
+
+    def _check_numbering(self, seg: list[int]) -> None:
+        """torch.fx numbers each op name in sequence (``getitem``, ``getitem_1``, ...); the full trace's
+        names are derived from that. A name whose first number is past 1 (1: the base is a Python builtin,
+        ``pow_1``) had numbers taken by a pass whose graph was discarded (PhiMoE's router: by every block,
+        so the offset grows with depth)."""
+        first: dict[str, int] = {}
+        inside: set[str] = set()
+        for (name, op, *_), s in zip(self.rec.nodes, seg):
+            if op != "call_function":
+                continue
+            base, num = self._split(name)
+            first.setdefault(base, num)
+            if s >= 0:
+                inside.add(base)
+        late = sorted(base for base in inside if first[base] > 1)
+        if late:
+            raise Mismatch(f"FX names numbered from outside the graph ({late[0]}_{first[late[0]]} comes first)")
 
     def _segment_params(self) -> None:
         names = list(self.parts.param_shapes)

@@ -5,6 +5,7 @@ couplings), the same pruned model, falls back whenever blocks differ, and never 
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -220,3 +221,140 @@ def test_meta_model_replicates():
     assert rep is not None
     assert canonical(rep) == canonical(depgraph.trace(model, replicate=False))
     assert np.array_equal(rep.group("model.layers.5.mlp").members[0].indices(), np.arange(128))
+
+
+# ---- behaviour that depends on the layer index but not on the modules (review of the replication) ----
+
+
+class _Config(transformers.PretrainedConfig):
+    model_type = "depgraph-test-blocks"
+
+
+class _Block(torch.nn.Module):
+    """A pre-norm MLP block; ``extra`` (an input only some layers get) goes through ``extra_proj``."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.norm = torch.nn.LayerNorm(16)
+        self.up, self.down, self.extra_proj = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x, extra=None):
+        if extra is not None:
+            x = x + self.extra_proj(extra)
+        if self.skipped():
+            return x
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+    def skipped(self) -> bool:  # read in a helper: the forward itself has no index comparison
+        return self.layer_idx in (getattr(self.config, "skip_layers", None) or ())
+
+
+class _IndexBlock(_Block):
+    def forward(self, x, extra=None):
+        if self.layer_idx >= 5:  # a later layer computes differently, with the same modules
+            return x
+        return super().forward(x, extra)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, block=_Block, layers: int = 8, extra_at=(), **config):
+        super().__init__()
+        self.config = _Config(num_hidden_layers=layers, **config)
+        self.embed, self.embed_extra = torch.nn.Embedding(50, 16), torch.nn.Embedding(50, 16)
+        self.layers = torch.nn.ModuleList([block(self.config, i) for i in range(layers)])
+        self.norm, self.head = torch.nn.LayerNorm(16), torch.nn.Linear(16, 50)
+        self.extra_at = set(extra_at)
+
+    def forward(self, ids):
+        x, extra = self.embed(ids), self.embed_extra(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, extra if i in self.extra_at else None)
+        return self.head(self.norm(x))
+
+
+class _StackNet(_Net):
+    """The head reads every block's output (a mean over the stacked hidden states)."""
+
+    def forward(self, ids):
+        x, outs = self.embed(ids), []
+        for layer in self.layers:
+            x = layer(x)
+            outs.append(x)
+        return self.head(self.norm(torch.stack(outs, -1).flatten(-2)[..., :16]))
+
+
+class _FirstOutputNet(_Net):
+    """Every block after the first also reads block 0's output (cross-layer sharing, ResFormer-like)."""
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        first = None
+        for layer in self.layers:
+            x = layer(x, first)
+            first = x if first is None else first
+        return self.head(self.norm(x))
+
+
+def _net_graphs(net):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 6))
+    return replicate.replicated_trace(net.eval(), normalise_inputs(net, ids)), depgraph.trace(net, ids, replicate=False)
+
+
+def test_uniform_custom_blocks_replicate():
+    rep, full = _net_graphs(_Net(skip_layers=None))
+    assert rep is not None and canonical(rep) == canonical(full)
+
+
+@pytest.mark.parametrize("net, why", [
+    (lambda: _Net(_IndexBlock), "compares its layer index"),  # ``if self.layer_idx >= 5`` in a forward
+    (lambda: _Net(skip_layers=[5]), "block 5 differs"),  # a config list naming layers, read in a helper
+    (lambda: _Net(extra_at=(5,)), "block 5 is called unlike block 1"),  # the parent loop treats layer 5 apart
+    (lambda: _Net(extra_at=(7,)), "block 7 is called unlike block 2"),  # ... or the last layer
+    (_StackNet, "the code after the blocks reads"),  # the head's input grows with depth
+    (_FirstOutputNet, "block 2 reads"),  # block k reads block 0: unlike the previous block
+])
+def test_layer_index_behaviour_beyond_the_representatives_falls_back(caplog, net, why):
+    """Without these checks each model replicated units 0-2 over a later layer that computes differently
+    (silently wrong groups); now each falls back, and says why."""
+    model = net()
+    with caplog.at_level("DEBUG", logger="depgraph"):
+        rep, full = _net_graphs(model)
+    assert rep is None and why in caplog.text
+    assert canonical(depgraph.trace(model, torch.randint(0, 50, (2, 6)))) == canonical(full)
+
+
+def test_block_call_check_leaves_the_model_as_it_was():
+    """The call check stubs block forwards and runs the model: forwards, an instance-level forward
+    (accelerate-style), training flags, buffers, grads and the RNG are as before."""
+    model = _model("llama").train()
+    path, blocks, period = replicate.uniform_blocks(model)
+    layer = blocks[4]
+    hooked = functools.partial(type(layer).forward, layer)
+    layer.forward = hooked
+    flags = [m.training for m in model.modules()]
+    rng = torch.random.get_rng_state()
+    before = state(model)
+    assert replicate.block_call_mismatch(model, normalise_inputs(model, None), blocks, period) is None
+    assert layer.forward is hooked and all("forward" not in vars(b) for i, b in enumerate(blocks) if i != 4)
+    assert [m.training for m in model.modules()] == flags
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    after = state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_names_numbered_by_a_discarded_pass_fall_back(caplog):
+    """PhiMoE's router: torch.export numbers its ``getitem`` nodes after a pass whose graph it discards, by
+    every block, so block 0's names depend on depth; replicating gave other ``nx`` node names than the
+    full analysis (found by the registry sweep). It falls back and says why."""
+    config = transformers.PhimoeConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.PhimoeForCausalLM(config).eval()
+    with caplog.at_level("INFO", logger="depgraph"):
+        assert replicated(model) is None
+    assert "FX names numbered from outside the graph" in caplog.text
+    assert canonical(depgraph.trace(model)) == canonical(depgraph.trace(model, replicate=False))
