@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -15,6 +16,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # Two threads on a shared 2-core machine make tiny matmuls ~100x slower (thread contention).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests, whatever an earlier test left set; restored afterwards.
+    Modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 # The library has no default data folder; the tests use the WikiText-2 copy beside the repository when
 # there is one (tests that need it skip otherwise). An explicit DEPGRAPH_DATA_DIR wins.

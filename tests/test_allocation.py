@@ -21,13 +21,7 @@ from depgraph.errors import PlanError
 from depgraph.pruner import Pruner, layer_index, simulate_params
 from depgraph.reconstruct import plan_errors
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def gqa_model(layers: int = 4, **overrides):

@@ -12,14 +12,7 @@ from torch import nn
 import depgraph
 from depgraph import importance as I
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matmuls on a shared 2-core box are 100x faster without intra-op threading
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class MLP(nn.Module):

@@ -14,13 +14,7 @@ from models import example_ids, tiny_model
 import depgraph
 from depgraph.pruner import Pruner, layer_index, simulate_params
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
