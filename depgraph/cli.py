@@ -145,24 +145,26 @@ def _one_line(text: str) -> str:
 # ---- argument types ------------------------------------------------------------------------------
 
 
-def _ratio(text: str) -> float:
+def _fraction(text: str, name: str, zero_allowed: bool) -> float:
+    """``text`` as a number in (0, 1), or [0, 1) when ``zero_allowed``; else an argparse error naming ``name``."""
+    interval = "[0, 1)" if zero_allowed else "(0, 1)"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1) (exclusive), got {text}")
+        raise argparse.ArgumentTypeError(f"{name} must be a number in {interval}, got {text!r}") from None
+    low_ok = value >= 0.0 if zero_allowed else value > 0.0
+    if not (low_ok and value < 1.0) or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{name} must be in {interval}{'' if zero_allowed else ' (exclusive)'}, "
+                                         f"got {text}")
     return value
+
+
+def _ratio(text: str) -> float:
+    return _fraction(text, "ratio", zero_allowed=False)
 
 
 def _spread(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+    return _fraction(text, "allocation spread", zero_allowed=True)
 
 
 def _uniform_widths(args: argparse.Namespace) -> bool:
