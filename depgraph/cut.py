@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .activation_mask import masked_activations
 from .checkpoint import BASE_CONFIG_ATTR
 from .errors import PruneError
 from .groups import Group, GroupKind
 from .sizes import group_edits, model_tensors, module_edits, rms_norm_edits
-from .transaction import EditReport, Transaction, check_forward, count_parameters, run_forward
+from .transaction import EditReport, Transaction, check_forward, count_parameters, gather, run_forward
 
 Plan = Mapping[Group, Iterable[int]]
 
@@ -111,15 +112,18 @@ def zero_mask(graph, plan: Plan) -> None:
     checked = validate_plan(graph, plan)
     tensors = check_current(graph)  # a stale graph's unit ids name other channels: refuse, like prune
     with torch.no_grad():
-        for t, d, idx in _mask_slices(checked, tensors):
+        for t, d, idx in _mask_slices(checked, tensors, everywhere=True):
             t.index_fill_(d, idx.to(t.device), 0)
 
 
-def _mask_slices(checked: dict[Group, np.ndarray], tensors) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-    """``(tensor, dim, indices)`` that zero-masking the plan zeroes: the consumer slices of A/B units; every
-    slice of C channels, so the channel is zero in the residual stream (what a norm's statistic sees)."""
+def _mask_slices(checked: dict[Group, np.ndarray], tensors, *,
+                 everywhere: bool) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """``(tensor, dim, indices)`` that zero-masking the plan zeroes: the consumer slices of A/B units; the
+    slices of C channels, so the channel is zero in the residual stream (what a norm's statistic sees):
+    every slice with ``everywhere``, else all but the consumers' input slices."""
     return [(tensors[m.param], m.dim, torch.as_tensor(m.indices(u), dtype=torch.long))
-            for g, u in checked.items() for m in g.members if m.role == "in" or g.kind is GroupKind.C]
+            for g, u in checked.items() for m in g.members
+            if (m.role == "in") != (g.kind is GroupKind.C) or (g.kind is GroupKind.C and everywhere)]
 
 
 def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
@@ -160,14 +164,18 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
         staged[param].append((dim, torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=device),
                               torch.as_tensor(np.flatnonzero(~keep), dtype=torch.long, device=device)))
 
-    # 3. the reference for exact groups: the same units zero-masked in the model as it is now
-    reference = _masked_reference(graph, checked, tensors) if verify else None
+    # 3. the reference for exact groups: the same units zero-masked in the model as it is now (first
+    #    only where their values are produced, see _masked_reference)
+    reference = _masked_reference(graph, checked, tensors, everywhere=False) if verify else None
+    everywhere = False
 
     # 4. stage attribute edits and commit; the first attempt also rescales attention sizes that
     #    are named like the hidden size ("embed_dim" == heads x head_dim), the second does not
     transaction = Transaction()
     failure: Exception | None = None
-    for guess_inner in (True, False):
+    attempts = [True, False]
+    while attempts:
+        guess_inner = attempts[0]
         edits = module_edits(model, new_shapes) + group_edits(graph, checked, guess_inner=guess_inner) + norm_edits
         transaction = Transaction()
         config = _config_of(model)
@@ -192,8 +200,16 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
                         _check_exact(out, reference, checked)
             failure = None
             break
+        except _Mismatch as exc:  # rolled back already: the model is as it was
+            failure = exc
+            if not everywhere:  # confirm against units zeroed in every slice before retrying or failing
+                everywhere = True
+                reference = _masked_reference(graph, checked, tensors, everywhere=True)
+                continue
+            attempts.pop(0)
         except Exception as exc:  # rolled back already: the model is as it was
             failure = exc
+            attempts.pop(0)
     if failure is not None:
         if isinstance(failure, PruneError):
             raise failure
@@ -255,12 +271,11 @@ class TensorCut:
 
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (the uncut values) cut exactly as :func:`prune` cuts the model's own tensor."""
-        out = tensor
-        for dim, keep in self.kept.items():
-            out = out.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=out.device))
+        out = gather(tensor, [(dim, torch.as_tensor(keep, dtype=torch.long, device=tensor.device))
+                              for dim, keep in self.kept.items()])
         if self.scale != 1.0:
             out = out * self.scale  # the dtype's own multiply, as prune applies it
-        return out.contiguous()
+        return out
 
 
 def tensor_cuts(graph, plan: Plan) -> dict[str, TensorCut]:
@@ -281,41 +296,74 @@ def tensor_cuts(graph, plan: Plan) -> dict[str, TensorCut]:
     return out
 
 
-def _masked_reference(graph, checked: dict[Group, np.ndarray], tensors) -> torch.Tensor | None:
-    """Output of the model with the plan's units zero-masked (restored afterwards).
+def reference_output(graph, plan: Plan, *, everywhere: bool = False) -> torch.Tensor | None:
+    """What the model cut by ``plan`` must compute on ``graph.example_inputs``: the output of the model as it is
+    now with the plan's units zero-masked (the model is left as it was); None when a group of the plan is
+    not exact (a cut of it is not equivalent to any masking) or the weights are on ``meta``.
+
+    :func:`prune` checks every cut of exact groups against it. ``everywhere=True`` zeroes the slices of
+    :func:`zero_mask` in the weights; the default masks fewer slices, mostly as features (see below), and
+    gives the same output for correctly grouped models.
+    """
+    return _masked_reference(graph, validate_plan(graph, plan), check_current(graph), everywhere=everywhere)
+
+
+def _masked_reference(graph, checked: dict[Group, np.ndarray], tensors, *, everywhere: bool) -> torch.Tensor | None:
+    """Output of the model with the plan's units zero-masked (the model is left as it was).
 
     Only for plans of exact groups on real (non-meta) weights: then the cut model must
-    reproduce it, which catches a module attribute the cut forgot or mis-scaled.
+    reproduce it, which catches a module attribute the cut forgot or mis-scaled. With ``everywhere``
+    the slices of :func:`zero_mask`, zeroed in the weights. Without, hidden channels are zeroed only where
+    they are made (embeddings, producers, biases, norm weights), not in their consumers' input slices (a
+    channel that is zero in the residual stream is zero in every consumer's input, so the output is the
+    same), and slices of linear and embedding weights are masked as features by forward hooks rather than
+    in the weights: no weight copies, which are most of the time and memory a check costs. Any failure of
+    that way falls back to zeroing weights.
     """
     if not all(g.exact for g in checked):
         return None
-    slices = _mask_slices(checked, tensors)
+    slices = _mask_slices(checked, tensors, everywhere=everywhere)
     if not slices or any(t.device.type == "meta" for t, _, _ in slices):
         return None
+    if not everywhere:
+        try:
+            with masked_activations(graph.model, slices) as rest:
+                return _zeroed_output(graph, rest)
+        except Exception:  # noqa: BLE001 - hooks the model's code does not tolerate: zero the weights
+            pass
+    try:
+        return _zeroed_output(graph, slices)
+    except Exception:  # the model cannot run as traced: the forward check will say so
+        return None
+
+
+def _zeroed_output(graph, slices) -> torch.Tensor | None:
+    """The model's output with ``slices`` zeroed in the weights (saved and restored, also on errors)."""
     saved = [(t, d, i, t.data.index_select(d, i.to(t.device))) for t, d, i in slices]  # already a copy
     try:
         with torch.no_grad():
             for t, d, i, _ in saved:
                 t.data.index_fill_(d, i.to(t.device), 0)
-        try:
-            return run_forward(graph.model, *graph.example_inputs)
-        except Exception:  # the model cannot run as traced: the forward check will say so
-            return None
+        return run_forward(graph.model, *graph.example_inputs)
     finally:
         with torch.no_grad():
             for t, d, i, old in saved:
                 t.data.index_copy_(d, i.to(t.device), old)
 
 
+class _Mismatch(PruneError):
+    """The cut model does not reproduce the zero-masked reference."""
+
+
 def _check_exact(out: torch.Tensor | None, reference: torch.Tensor, checked) -> None:
     if out is None or out.shape != reference.shape:
-        raise PruneError("the cut model's output shape changed; the cut was rolled back")
+        raise _Mismatch("the cut model's output shape changed; the cut was rolled back")
     tol = 1e-4 if out.dtype == torch.float32 or out.dtype == torch.float64 else 2e-2
     diff = float((out.float() - reference.float()).abs().max())
     scale = float(reference.float().abs().max()) or 1.0
     if diff > tol * max(1.0, scale):
         names = ", ".join(g.name for g in checked)
-        raise PruneError(f"cutting {names} does not reproduce zero-masking the same units (max |diff| "
+        raise _Mismatch(f"cutting {names} does not reproduce zero-masking the same units (max |diff| "
                          f"{diff:.3g}): a module reads a size the cut did not update. The cut was rolled "
                          "back and the model is unchanged; please report the model class.")
 

@@ -14,7 +14,45 @@ from torch import nn
 from .errors import PruneError
 from .sizes import LayerConfig
 
-__all__ = ["EditReport", "Transaction", "check_forward", "count_parameters", "output_tensor", "run_forward"]
+__all__ = ["EditReport", "Transaction", "check_forward", "count_parameters", "gather", "output_tensor",
+           "run_forward"]
+
+# elements per block when gathering along several dims: a block stays in the CPU's cache between the
+# gathers, so the whole tensor is read once and written once with no full-size intermediate
+_BLOCK_ELEMENTS = 1 << 17
+
+
+def gather(tensor: torch.Tensor, index: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """A new contiguous tensor of ``tensor``'s slices ``i`` along each ``(dim, i)`` of ``index`` (distinct dims).
+
+    The same values as chaining ``index_select`` over the dims, without the chain's full-size intermediates.
+
+    >>> gather(torch.arange(12).view(3, 4), [(0, torch.tensor([0, 2])), (1, torch.tensor([1, 3]))])
+    tensor([[ 1,  3],
+            [ 9, 11]])
+    """
+    if not index:
+        return tensor.clone(memory_format=torch.contiguous_format)
+    index = sorted(index, key=lambda pair: pair[0])
+    if len(index) == 1 or tensor.device.type != "cpu":
+        out = tensor
+        for dim, i in index:
+            out = out.index_select(dim, i)
+        return out.contiguous()
+    (first, rows), rest = index[0], index[1:]
+    shape = list(tensor.shape)
+    for dim, i in index:
+        shape[dim] = i.numel()
+    out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+    per_row = max(1, out.numel() // max(shape[first], 1))
+    block = max(1, _BLOCK_ELEMENTS // per_row)
+    for start in range(0, rows.numel(), block):
+        piece = tensor.index_select(first, rows[start:start + block])
+        for dim, i in rest:
+            piece = piece.index_select(dim, i)
+        out.narrow(first, start, piece.shape[first]).copy_(piece)
+    return out
+
 
 class Transaction:
     """Changes to tensors (``.data``) and attributes, each undoable, in order.
@@ -46,20 +84,19 @@ class Transaction:
         """
         old = tensor.data
         own = old.storage_offset() == 0 and old.untyped_storage().nbytes() == old.numel() * old.element_size()
+        kept = [(dim, keep) for dim, keep, _ in cuts]
         if not own or not old.is_contiguous() or old.device.type == "meta":
-            data = old
-            for dim, keep, _ in cuts:
-                data = data.index_select(dim, keep)
-            self.set_data(tensor, data.contiguous())
+            self.set_data(tensor, gather(old, kept))
             return
-        stages = []  # (dim, keep, drop, shape before, dropped slices)
-        data = old
-        for dim, keep, drop in cuts:
-            stages.append((dim, keep, drop, tuple(data.shape), data.index_select(dim, drop)))
-            data = data.index_select(dim, keep)
+        # stage i's dropped slices, taken from the old tensor restricted to the earlier stages' kept slices
+        stages, shape = [], list(old.shape)  # (dim, keep, drop, shape before, dropped slices)
+        for i, (dim, keep, drop) in enumerate(cuts):
+            stages.append((dim, keep, drop, tuple(shape), gather(old, [(dim, drop), *kept[:i]])))
+            shape[dim] = keep.numel()
+        new = gather(old, kept)
         self.undo.append(("cut", tensor, "data", stages))
         del old
-        tensor.data = data.contiguous()
+        tensor.data = new
         if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
             self.undo.append(("attr", tensor, "grad", tensor.grad))
             tensor.grad = None
