@@ -155,10 +155,14 @@ def index_sums(tensor: torch.Tensor, dims, op: str = "abs", other: torch.Tensor 
     out = {d: torch.zeros(t.shape[d], dtype=torch.float32, device=t.device) for d in dims}
     step = max(1, BLOCK_ELEMENTS // max(1, t[0].numel())) if t.shape[0] else 1
     for a in range(0, t.shape[0], step):
-        blk = t[a:a + step].to(torch.float32, copy=True)  # a private copy: the ops below run in place
-        if other is not None:
-            blk.mul_(other.detach()[a:a + step])
-        fn(blk)
+        blk = t[a:a + step]
+        if op != "signed" and other is None and blk.dtype == torch.float32:
+            blk = blk * blk if op == "square" else blk.abs()  # one pass, the result is the private copy
+        else:
+            blk = blk.to(torch.float32, copy=True)  # a private copy: the ops below run in place
+            if other is not None:
+                blk.mul_(other.detach()[a:a + step])
+            fn(blk)
         if scale is not None:
             vec, sdim = scale
             vec = vec.to(device=blk.device, dtype=torch.float32)

@@ -14,8 +14,8 @@ from torch import nn
 from .errors import PruneError
 from .sizes import LayerConfig
 
-__all__ = ["EditReport", "Transaction", "check_forward", "count_parameters", "gather", "output_tensor",
-           "run_forward"]
+__all__ = ["EditReport", "Transaction", "check_forward", "count_parameters", "gather", "gather_blocks",
+           "output_tensor", "run_forward"]
 
 # elements per block when gathering along several dims: a block stays in the CPU's cache between the
 # gathers, so the whole tensor is read once and written once with no full-size intermediate
@@ -34,24 +34,48 @@ def gather(tensor: torch.Tensor, index: list[tuple[int, torch.Tensor]]) -> torch
     if not index:
         return tensor.clone(memory_format=torch.contiguous_format)
     index = sorted(index, key=lambda pair: pair[0])
-    if len(index) == 1 or tensor.device.type != "cpu":
-        out = tensor
-        for dim, i in index:
-            out = out.index_select(dim, i)
-        return out.contiguous()
-    (first, rows), rest = index[0], index[1:]
-    shape = list(tensor.shape)
-    for dim, i in index:
-        shape[dim] = i.numel()
-    out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
-    per_row = max(1, out.numel() // max(shape[first], 1))
-    block = max(1, _BLOCK_ELEMENTS // per_row)
-    for start in range(0, rows.numel(), block):
-        piece = tensor.index_select(first, rows[start:start + block])
+    return gather_blocks(tensor, index[0], [index[1:]])[0]
+
+
+def gather_blocks(tensor: torch.Tensor, first: tuple[int, torch.Tensor],
+                  rests: list[list[tuple[int, torch.Tensor]]]) -> list[torch.Tensor]:
+    """``[gather(tensor, [first, *rest]) for rest in rests]`` in one blocked pass over ``first``'s slices: each
+    block of them is read from memory once and serves every output. ``rest`` dims must be above ``first``'s."""
+    dim0, rows = first
+    if tensor.device.type != "cpu" or not any(rests):  # one dim, or an accelerator (few large kernels)
+        outs = []
+        for rest in rests:
+            out = tensor.index_select(dim0, rows)
+            for dim, i in rest:
+                out = out.index_select(dim, i)
+            outs.append(out.contiguous())
+        return outs
+    outs = []
+    for rest in rests:
+        shape = list(tensor.shape)
+        shape[dim0] = rows.numel()
         for dim, i in rest:
-            piece = piece.index_select(dim, i)
-        out.narrow(first, start, piece.shape[first]).copy_(piece)
-    return out
+            shape[dim] = i.numel()
+        outs.append(torch.empty(shape, dtype=tensor.dtype, device=tensor.device))
+    per_slice = max(1, tensor.numel() // max(tensor.shape[dim0], 1))
+    block = max(1, _BLOCK_ELEMENTS // per_slice)
+    for start in range(0, rows.numel(), block):
+        piece = tensor.index_select(dim0, rows[start:start + block])
+        n = piece.shape[dim0]
+        for out, rest in zip(outs, rests):
+            target = out.narrow(dim0, start, n)
+            if not rest:
+                target.copy_(piece)
+                continue
+            sub = piece
+            for dim, i in rest[:-1]:
+                sub = sub.index_select(dim, i)
+            dim, i = rest[-1]
+            if dim0 == 0:  # a row range of a contiguous tensor: the last gather writes in place
+                torch.index_select(sub, dim, i, out=target)
+            else:
+                target.copy_(sub.index_select(dim, i))
+    return outs
 
 
 class Transaction:
@@ -88,12 +112,19 @@ class Transaction:
         if not own or not old.is_contiguous() or old.device.type == "meta":
             self.set_data(tensor, gather(old, kept))
             return
-        # stage i's dropped slices, taken from the old tensor restricted to the earlier stages' kept slices
-        stages, shape = [], list(old.shape)  # (dim, keep, drop, shape before, dropped slices)
-        for i, (dim, keep, drop) in enumerate(cuts):
-            stages.append((dim, keep, drop, tuple(shape), gather(old, [(dim, drop), *kept[:i]])))
+        # the dropped slices of stage i, taken from the old tensor restricted to the earlier stages' kept
+        # slices; stages after the first share one blocked pass over the first dim's kept slices with
+        # the new tensor
+        cuts = sorted(cuts, key=lambda cut: cut[0])
+        (dim0, keep0, drop0), later = cuts[0], cuts[1:]
+        rests = [[(dim, keep) for dim, keep, _ in later]]
+        rests += [[(dim, keep) for dim, keep, _ in later[:i]] + [(later[i][0], later[i][2])] for i in range(len(later))]
+        new, *dropped = gather_blocks(old, (dim0, keep0), rests)
+        stages, shape = [(dim0, keep0, drop0, tuple(old.shape), old.index_select(dim0, drop0))], list(old.shape)
+        shape[dim0] = keep0.numel()
+        for (dim, keep, drop), slices in zip(later, dropped):
+            stages.append((dim, keep, drop, tuple(shape), slices))
             shape[dim] = keep.numel()
-        new = gather(old, kept)
         self.undo.append(("cut", tensor, "data", stages))
         del old
         tensor.data = new
