@@ -23,7 +23,8 @@ from .checkpoint import BASE_CONFIG_ATTR
 from .errors import PruneError
 from .groups import Group, GroupKind
 from .sizes import group_edits, model_tensors, module_edits, rms_norm_edits
-from .transaction import EditReport, Transaction, check_forward, count_parameters, gather, run_forward
+from .slicing import gather
+from .transaction import EditReport, Transaction, check_forward, count_parameters, run_forward
 
 Plan = Mapping[Group, Iterable[int]]
 

@@ -20,7 +20,8 @@ import depgraph
 from depgraph import cut as cut_module
 from depgraph.activation_mask import masked_activations
 from depgraph.cut import reference_output
-from depgraph.transaction import Transaction, gather
+from depgraph.slicing import gather
+from depgraph.transaction import Transaction
 
 
 @st.composite
@@ -44,14 +45,14 @@ def test_gather_equals_chained_index_select(case, block):
     expected = x
     for d, keep, _ in cuts:
         expected = expected.index_select(d, keep)
-    import depgraph.transaction as transaction
+    import depgraph.slicing as slicing
 
-    old = transaction._BLOCK_ELEMENTS
-    transaction._BLOCK_ELEMENTS = block  # small blocks: many block boundaries on small tensors
+    old = slicing._BLOCK_ELEMENTS
+    slicing._BLOCK_ELEMENTS = block  # small blocks: many block boundaries on small tensors
     try:
         out = gather(x, [(d, keep) for d, keep, _ in cuts])
     finally:
-        transaction._BLOCK_ELEMENTS = old
+        slicing._BLOCK_ELEMENTS = old
     assert out.is_contiguous() and out.dtype == x.dtype and torch.equal(out, expected)
     assert out.data_ptr() != x.data_ptr()
 
