@@ -48,6 +48,8 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from . import calibration, checkpoint, depth, importance
 from .cut import PruneReport, tensor_cuts
@@ -239,27 +241,42 @@ def _real_buffers(model: nn.Module) -> None:
             set_module_tensor_to_device(model, name, "cpu", value=buf)
 
 
-def _bind(model: nn.Module, source: SourceCheckpoint) -> dict[str, str]:
-    """``{model tensor name: checkpoint key}`` for every persistent tensor; refuses keys the model does not
-    have (renamed or fused weights) and model tensors the checkpoint lacks, before anything is written."""
+def _bind(model: nn.Module, source: SourceCheckpoint) -> tuple[dict[str, str], dict[str, str]]:
+    """``({model tensor name: checkpoint key}, {checkpoint key: model state key})`` for every persistent
+    tensor. Checkpoint keys go through transformers' own renaming rules (``get_model_conversion_mapping``:
+    e.g. GPT-NeoX's ``embed_out`` is the model's ``lm_head``); keys that only a weight *conversion* (fused or
+    split tensors) or nothing maps to a model tensor, and model tensors the checkpoint lacks, are refused
+    before anything is written."""
     alias = canonical_names(model)
     state = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    transforms = get_model_conversion_mapping(model, add_legacy=True) if hasattr(model, "config") else []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
     key_of: dict[str, str] = {}
+    state_key: dict[str, str] = {}
     for key, shape in source.shape.items():
-        name = alias.get(key)
-        if name is None or key not in state:
+        renamed = key
+        if key not in state:
+            renamed, converted = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None),
+                                                   state)
+            if converted is not None:
+                renamed = None  # fused or split by a conversion: no one tensor to stream
+        name = alias.get(renamed)
+        if name is None or renamed not in state:
             raise StreamError(f"the checkpoint holds {key!r}, which {type(model).__name__} (built from its config) "
-                              "has no tensor of that name (renamed or fused weights): streaming needs checkpoint "
-                              "names equal to the model's; prune it in memory with depgraph.Pruner")
-        if tuple(state[key].shape) != shape:
+                              "has no tensor of that name, even after transformers' key renaming (fused or converted "
+                              "weights): streaming needs one checkpoint tensor per model tensor; prune it in memory "
+                              "with depgraph.Pruner")
+        if tuple(state[renamed].shape) != shape:
             raise StreamError(f"checkpoint tensor {key} has shape {shape}, but the config builds "
-                              f"{tuple(state[key].shape)}: the weights do not belong to this config")
+                              f"{tuple(state[renamed].shape)}: the weights do not belong to this config")
         key_of.setdefault(name, key)
+        state_key[key] = renamed
     missing = sorted({alias[k] for k in state} - set(key_of))
     if missing:
         raise StreamError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}: "
                           "it is incomplete or for another model")
-    return key_of
+    return key_of, state_key
 
 
 # ---- scoring, layer by layer ------------------------------------------------------------------------
@@ -466,7 +483,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, *, ratio: float | Mapping
         model = load_model(ResolvedSpec("hf", str(source.path), source.path), meta=True)
     except DepGraphError as exc:
         raise StreamError(f"cannot build the model of {source.path} from its config: {exc}") from exc
-    key_of = _bind(model, source)
+    key_of, state_key = _bind(model, source)
     try:
         block_path, blocks = depth.find_blocks(model)
     except DepGraphError as exc:
@@ -499,8 +516,11 @@ def prune_checkpoint(src: str | Path, out: str | Path, *, ratio: float | Mapping
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     alias = canonical_names(model)
     planned: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for key in [k for k in model.state_dict() if k in source.shape]:  # every key (_bind checked), model order
-        name = alias[key]
+    order = {k: i for i, k in enumerate(model.state_dict())}
+    # every checkpoint key under its own name (a checkpoint transformers renames on loading stays so), in the
+    # model's order
+    for key in sorted(source.shape, key=lambda k: order[state_key[k]]):
+        name = alias[state_key[key]]
         shape = cuts[name].shape if name in cuts else source.shape[key]
         if tuple(tensors[name].shape) != tuple(shape):  # the cut meta model and the tensor cuts must agree
             raise StreamError(f"internal: {name} planned {shape}, cut model has {tuple(tensors[name].shape)}")
@@ -511,7 +531,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, *, ratio: float | Mapping
 
     def produce(key: str) -> torch.Tensor:
         value = source.read(key)
-        cut = cuts.get(alias[key])
+        cut = cuts.get(alias[state_key[key]])
         return value if cut is None else cut.apply(value)
 
     model.config.dtype = source.float_dtype()  # what from_pretrained + save_pretrained would state

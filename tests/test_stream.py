@@ -274,3 +274,26 @@ def test_tied_embeddings_sharded(tmp_path, structure):
     assert out.lm_head.weight is out.model.embed_tokens.weight
     with torch.no_grad():
         assert (out(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("hf_loadable", [True, False])
+def test_checkpoint_keys_transformers_renames(tmp_path, hf_loadable):
+    """GPT-NeoX checkpoints store the head as ``embed_out``, the model calls it ``lm_head``: streaming binds
+    them through transformers' key renaming and writes the pruned head under the checkpoint's own name."""
+    model = tiny_model("gpt_neox")
+    model.save_pretrained(tmp_path / "src")
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
+        assert "embed_out.weight" in f.keys()  # the renamed key this test is about
+    ids = example_ids(model, batch=3, seq=12, seed=2)
+    structure = "block" if hf_loadable else "all"
+    kwargs = dict(criterion="wanda", ratio=0.25, structure=structure, calib=ids, hf_loadable=hf_loadable,
+                  progress=False)
+    depgraph.prune_checkpoint(tmp_path / "src", tmp_path / "out", **kwargs)
+    depgraph.Pruner(model, **kwargs).prune()
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert "embed_out.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    loaded = depgraph.load_pretrained(tmp_path / "out").eval()
+    opened = [loaded] + ([AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()] if hf_loadable else [])
+    with torch.no_grad():
+        for out in opened:
+            assert (out(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
