@@ -46,8 +46,8 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 
 def _side(module: nn.Module, attr: str, dim: int) -> str | None:
-    if attr != "weight":
-        return None
+    if attr != "weight" or module._forward_hooks or module._forward_pre_hooks:
+        return None  # a hook of someone else's would run before or after the mask and see other values
     for cls, sides in _SIDES.items():
         if type(module).forward is cls.forward and isinstance(module, cls):
             if isinstance(module, nn.Embedding) and module.max_norm is not None:
@@ -61,8 +61,12 @@ def masked_activations(model: nn.Module, slices: list[Slice]) -> Iterator[list[S
     """Within the block, ``model`` computes as if every weight slice of ``slices`` were zero, for the slices
     that can be expressed as masked features (the weight of ``Linear``, transformers ``Conv1D`` or
     ``Embedding`` modules: every module holding it, for tied weights); yields the slices it could not express, for the caller to
-    zero in the weights. Hooks are removed on exit, also on errors."""
-    owners = _owners(model)
+    zero in the weights. Hooks are removed on exit, also on errors. Modules that already have forward hooks
+    (or any global module hook exists) are not hooked; a hooked module the block never calls (its weight read
+    some other way, e.g. ``nn.MultiheadAttention.out_proj``) raises ``RuntimeError`` on exit."""
+    # global module hooks (``register_module_forward_hook``) see every module's output: zero weights instead
+    global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    owners = {} if global_hooks else _owners(model)
     masks: dict[tuple[int, str], tuple[nn.Module, list[torch.Tensor]]] = {}
     rest: list[Slice] = []
     for tensor, dim, index in slices:
@@ -73,22 +77,27 @@ def masked_activations(model: nn.Module, slices: list[Slice]) -> Iterator[list[S
             continue
         for (module, _), side in zip(found, sides):
             masks.setdefault((id(module), side), (module, []))[1].append(index.to(tensor.device))
-    handles = []
+    handles, calls = [], [0] * len(masks)
     try:
-        for (_, side), (module, indices) in masks.items():
+        for k, ((_, side), (module, indices)) in enumerate(masks.items()):
             index = torch.unique(torch.cat(indices))
             if side == "input":
-                handles.append(module.register_forward_pre_hook(_input_mask(index)))
+                handles.append(module.register_forward_pre_hook(_input_mask(index, calls, k)))
             else:
-                handles.append(module.register_forward_hook(_output_mask(index)))
+                handles.append(module.register_forward_hook(_output_mask(index, calls, k)))
         yield rest
+        if calls and not all(calls):  # a module whose weight is read without calling it: nothing was masked
+            never = [type(module).__name__ for (module, _), n in zip(masks.values(), calls) if not n]
+            raise RuntimeError(f"masked modules never called ({', '.join(never[:3])}): their weights are read "
+                               "some other way; zero the weights instead")
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _input_mask(index: torch.Tensor):
+def _input_mask(index: torch.Tensor, calls: list[int], k: int):
     def hook(module, args):
+        calls[k] += 1
         if not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"{type(module).__name__} was called without a tensor input to mask")
         x = args[0].clone()  # the caller's tensor is not changed
@@ -97,12 +106,14 @@ def _input_mask(index: torch.Tensor):
     return hook
 
 
-def _output_mask(index: torch.Tensor):
+def _output_mask(index: torch.Tensor, calls: list[int], k: int):
     def hook(module, args, out):
+        calls[k] += 1
+        out = out.clone()  # a module may return a tensor something else holds: never write into it
         bias = getattr(module, "bias", None)
         idx = index.to(out.device)
         if isinstance(bias, torch.Tensor):  # zero weight rows leave the bias: y = 0 + b
-            out.index_copy_(-1, idx, bias.index_select(0, idx.to(bias.device)).to(out.dtype).expand(
+            out.index_copy_(-1, idx, bias.index_select(0, idx.to(bias.device)).to(out.device, out.dtype).expand(
                 *out.shape[:-1], idx.numel()).contiguous())
         else:
             out.index_fill_(-1, idx, 0)

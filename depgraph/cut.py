@@ -206,6 +206,8 @@ def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:
             if not everywhere:  # confirm against units zeroed in every slice before retrying or failing
                 everywhere = True
                 reference = _masked_reference(graph, checked, tensors, everywhere=True)
+                if reference is None:  # no reference to confirm with: a mismatch stands, never an unchecked cut
+                    break
                 continue
             attempts.pop(0)
         except Exception as exc:  # rolled back already: the model is as it was
@@ -360,9 +362,12 @@ def _check_exact(out: torch.Tensor | None, reference: torch.Tensor, checked) -> 
     if out is None or out.shape != reference.shape:
         raise _Mismatch("the cut model's output shape changed; the cut was rolled back")
     tol = 1e-4 if out.dtype == torch.float32 or out.dtype == torch.float64 else 2e-2
-    diff = float((out.float() - reference.float()).abs().max())
-    scale = float(reference.float().abs().max()) or 1.0
-    if diff > tol * max(1.0, scale):
+    out, reference = out.float(), reference.float()
+    gap = (out - reference).abs()
+    gap[out.isnan() & reference.isnan()] = 0.0  # NaN where the reference has NaN agrees; elsewhere it does not
+    diff = float(gap.nan_to_num(nan=float("inf")).max())
+    scale = float(reference.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max()) or 1.0
+    if not diff <= tol * max(1.0, scale):
         names = ", ".join(g.name for g in checked)
         raise _Mismatch(f"cutting {names} does not reproduce zero-masking the same units (max |diff| "
                          f"{diff:.3g}): a module reads a size the cut did not update. The cut was rolled "

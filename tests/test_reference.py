@@ -125,6 +125,7 @@ def test_slices_the_hooks_cannot_express_are_returned():
         assert [id(t) for t, _, _ in rest] == [id(shared.weight), id(model["own"].weight),
                                                id(model["renorm"].weight), id(model["plain"].bias)]
         assert model["plain"]._forward_pre_hooks
+        model["plain"](torch.randn(1, 4))  # a hooked module must run inside the block
     assert not model["plain"]._forward_pre_hooks
 
 
@@ -194,7 +195,8 @@ def test_reference_with_masked_features_equals_zeroing_every_slice(family, monke
 
 
 class _ReadsWeightDirectly(nn.Module):
-    """A residual MLP whose parent reads ``down.weight`` itself: a hook on ``down`` never runs."""
+    """A residual MLP whose parent reads ``down.weight`` itself besides calling ``down``: the hook on ``down``
+    runs, but the direct read is not masked."""
 
     def __init__(self):
         super().__init__()
@@ -205,7 +207,8 @@ class _ReadsWeightDirectly(nn.Module):
 
     def forward(self, ids):
         h = self.embed(ids)
-        h = h + F.linear(torch.relu(self.up(h)), self.down.weight)
+        a = torch.relu(self.up(h))
+        h = h + F.linear(a, self.down.weight) + 0.0 * self.down(a)
         return self.head(h)
 
 
@@ -217,7 +220,81 @@ def test_cut_falls_back_to_zeroed_weights_when_the_features_reference_is_wrong()
     mlp = next(g for g in graph.groups() if any(m.param == "down.weight" for m in g.members) and g.size == 32)
     plan = {mlp: [0, 3, 5, 9]}
     fast, full = reference_output(graph, plan), reference_output(graph, plan, everywhere=True)
-    assert not torch.allclose(fast, full)  # the hook on `down` never ran
+    assert not torch.allclose(fast, full)  # the direct read of down.weight was not masked
     expected = full
     depgraph.prune(graph, plan)  # checked against the zeroed weights instead: no false alarm
     torch.testing.assert_close(model(ids), expected)
+
+
+def test_a_mismatch_with_no_full_reference_to_confirm_is_refused(monkeypatch):
+    """Review finding: the retry against the everywhere-zeroed reference must not commit unchecked when that
+    reference cannot be computed (e.g. out of memory for its weight copies)."""
+    torch.manual_seed(0)
+    model = _ReadsWeightDirectly().eval()
+    ids = torch.randint(0, 50, (1, 6))
+    graph = depgraph.trace(model, ids)
+    mlp = next(g for g in graph.groups() if any(m.param == "down.weight" for m in g.members) and g.size == 32)
+    real = cut_module._masked_reference
+
+    def no_full_reference(*args, everywhere, **kwargs):
+        return None if everywhere else real(*args, everywhere=everywhere, **kwargs)
+
+    monkeypatch.setattr(cut_module, "_masked_reference", no_full_reference)
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(depgraph.PruneError, match="does not reproduce zero-masking"):
+        depgraph.prune(graph, {mlp: [0, 3, 5, 9]})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in snap.items())
+
+
+def test_modules_with_hooks_of_their_own_are_zeroed_not_hooked():
+    """Review finding: a user's forward hook ran before the mask and was overwritten (and a cached tensor it
+    returned was written into); such modules now have their weights zeroed."""
+    model = tiny_model("llama")
+    graph = depgraph.trace(model, example_ids(model))
+    down = model.model.layers[0].mlp.down_proj
+    cache = {}
+
+    def user_hook(module, args, out):
+        cache["out"] = out * 2 + 1
+        return cache["out"]
+
+    handle = down.register_forward_hook(user_hook)
+    try:
+        plan = {g: [0, 1, 2] for g in graph.groups("C")}
+        with masked_activations(model, [(down.weight, 0, torch.tensor([0, 1, 2]))]) as rest:
+            assert [t for t, _, _ in rest] == [down.weight]
+        fast = reference_output(graph, plan)
+        held = cache["out"].clone()
+        full = reference_output(graph, plan, everywhere=True)
+        torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+        assert torch.equal(held, cache["out"])  # both runs gave the user's hook the same (zeroed-weight) output
+    finally:
+        handle.remove()
+
+
+def test_a_hooked_module_that_never_runs_falls_back_to_zeroed_weights():
+    """Review finding: ``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(1, 3, 8)
+    index = torch.tensor([0, 5])
+    with pytest.raises(RuntimeError, match="never called"):
+        with masked_activations(mha, [(mha.out_proj.weight, 1, index)]):
+            mha(x, x, x)
+    assert not mha.out_proj._forward_pre_hooks
+
+
+@pytest.mark.parametrize("out, ref, ok", [
+    ([1.0, float("nan")], [1.0, float("nan")], True),
+    ([1.0, float("nan")], [1.0, 2.0], False),
+    ([1.0, 2.0], [1.0, float("nan")], False),
+    ([1.0, 2.0], [1.0, 2.00001], True),
+])
+def test_exactness_check_treats_nan_as_a_mismatch_unless_both_are_nan(out, ref, ok):
+    group = depgraph.trace(tiny_model("llama")).groups("A")[0]
+    check = lambda: cut_module._check_exact(torch.tensor(out), torch.tensor(ref), {group: None})  # noqa: E731
+    if ok:
+        check()
+    else:
+        with pytest.raises(depgraph.PruneError):
+            check()
