@@ -122,9 +122,13 @@ def _mask_slices(checked: dict[Group, np.ndarray], tensors, *,
     """``(tensor, dim, indices)`` that zero-masking the plan zeroes: the consumer slices of A/B units; the
     slices of C channels, so the channel is zero in the residual stream (what a norm's statistic sees):
     every slice with ``everywhere``, else all but the consumers' input slices."""
+    def zeroed(group: Group, role: str) -> bool:
+        if group.kind is GroupKind.C:
+            return everywhere or role != "in"
+        return role == "in"
+
     return [(tensors[m.param], m.dim, torch.as_tensor(m.indices(u), dtype=torch.long))
-            for g, u in checked.items() for m in g.members
-            if (m.role == "in") != (g.kind is GroupKind.C) or (g.kind is GroupKind.C and everywhere)]
+            for g, u in checked.items() for m in g.members if zeroed(g, m.role)]
 
 
 def prune(graph, plan: Plan, *, verify: bool = True) -> PruneReport:

@@ -47,9 +47,8 @@ class Transaction:
         """
         old = tensor.data
         own = old.storage_offset() == 0 and old.untyped_storage().nbytes() == old.numel() * old.element_size()
-        kept = [(dim, keep) for dim, keep, _ in cuts]
         if not own or not old.is_contiguous() or old.device.type == "meta":
-            self.set_data(tensor, gather(old, kept))
+            self.set_data(tensor, gather(old, [(dim, keep) for dim, keep, _ in cuts]))
             return
         # the dropped slices of stage i, taken from the old tensor restricted to the earlier stages' kept
         # slices; stages after the first share one blocked pass over the first dim's kept slices with
